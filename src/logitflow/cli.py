@@ -1,0 +1,101 @@
+"""The command line: `logitflow stage NAME`, `logitflow params show|apply`."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from pydantic import ValidationError
+from rich.console import Console
+from rich.logging import RichHandler
+
+from logitflow.config import load_params, params_path
+from logitflow.errors import LogitflowError
+from logitflow.params_file import apply_overlay
+
+app = typer.Typer(
+    help="logitflow: RS-KD logit caching + distillation and active DPO, as a reproducible pipeline.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+params_app = typer.Typer(help="Show or change the validated params.", no_args_is_help=True)
+app.add_typer(params_app, name="params")
+err_console = Console(stderr=True)
+
+ParamsOption = Annotated[
+    Path | None, typer.Option("--params", "-p", help="params file (default: $LOGITFLOW_PARAMS or ./params.yaml)")
+]
+
+
+def _fail(message: str) -> None:
+    err_console.print(f"[bold red]error:[/] {message}", highlight=False)
+    raise typer.Exit(2)
+
+
+@app.callback()
+def main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="debug logging")] = False) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(message)s",
+        handlers=[RichHandler(console=err_console, show_path=False, rich_tracebacks=True)],
+    )
+    for noisy in ("httpx", "urllib3", "alembic", "mlflow", "filelock", "datasets"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _stage_names() -> list[str]:
+    from logitflow.stages import STAGES
+
+    return sorted(STAGES)
+
+
+@app.command()
+def stage(
+    name: Annotated[str, typer.Argument(help="stage name, as in dvc.yaml (e.g. prepare, models)")],
+    params: ParamsOption = None,
+) -> None:
+    """Run one pipeline stage (the same command DVC runs)."""
+    from logitflow.stages import STAGES
+
+    if name not in STAGES:
+        _fail(f"unknown stage '{name}' (stages: {', '.join(_stage_names())})")
+    try:
+        path = params_path(params)
+        loaded = load_params(path)
+        metrics = STAGES[name](loaded, path.resolve().parent)
+    except LogitflowError as err:
+        _fail(str(err))
+    except ValidationError as err:  # a stage validating its own inputs with pydantic
+        _fail(str(err).replace("\n", " "))
+    err_console.print_json(json.dumps(metrics, default=str))
+
+
+@params_app.command("show")
+def params_show(
+    params: ParamsOption = None,
+    overlay: Annotated[list[Path] | None, typer.Option("--overlay", "-o", help="overlay file(s) to merge")] = None,
+) -> None:
+    """Print the effective, validated params (defaults filled in) as YAML."""
+    import yaml
+
+    try:
+        loaded = load_params(params, overlays=overlay or [])
+    except LogitflowError as err:
+        _fail(str(err))
+    typer.echo(yaml.safe_dump(loaded.model_dump(mode="json"), sort_keys=False))
+
+
+@params_app.command("apply")
+def params_apply(
+    overlay: Annotated[Path, typer.Argument(help="overlay file, e.g. params/cluster.yaml")],
+    params: ParamsOption = None,
+) -> None:
+    """Merge an overlay into params.yaml (comments kept); nothing is written if the result is invalid."""
+    try:
+        changed = apply_overlay(params_path(params), overlay)
+    except LogitflowError as err:
+        _fail(str(err))
+    typer.echo(f"{params_path(params)}: {len(changed)} key(s) changed" + "".join(f"\n  {k}" for k in changed))

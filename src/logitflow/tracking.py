@@ -1,0 +1,160 @@
+"""The one module that talks to MLflow.
+
+Embedded default: a SQLite database and a local artifact root under `<project>/<paths.mlflow>`,
+resolved to absolute paths at run time. A DVC experiment running in a temporary copy of the
+repository (`.dvc/tmp/exps/...`) logs to the store of the repository it was started from.
+`MLFLOW_TRACKING_URI` in the environment, else `tracking.uri` in params, switches to a server.
+Runs nest under the run id in `LOGITFLOW_PARENT_RUN_ID` (set by the flows).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import re
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import mlflow
+from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH, MAX_PARAMS_TAGS_PER_BATCH
+
+from logitflow.config import Params
+
+PARENT_RUN_ENV = "LOGITFLOW_PARENT_RUN_ID"
+HOME_ENV = "LOGITFLOW_HOME"
+DVC_TEMP_WORKSPACE = (".dvc", "tmp", "exps")
+MAX_PARAM_KEY_LENGTH = 250
+
+
+@dataclass(frozen=True)
+class TrackingTarget:
+    tracking_uri: str
+    artifact_root: str | None  # None: the server decides
+
+
+def shared_root(project_root: Path) -> Path:
+    """The repository whose embedded store every run of this project shares."""
+    if os.environ.get(HOME_ENV):
+        return Path(os.environ[HOME_ENV]).resolve()
+    root = project_root.resolve()
+    parts = root.parts
+    for index in range(len(parts) - len(DVC_TEMP_WORKSPACE) + 1):
+        if parts[index : index + len(DVC_TEMP_WORKSPACE)] == DVC_TEMP_WORKSPACE:
+            return Path(*parts[:index])
+    return root
+
+
+def resolve_target(params: Params, project_root: Path) -> TrackingTarget:
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or params.tracking.uri
+    if uri:
+        return TrackingTarget(uri, None)
+    store = shared_root(project_root) / params.paths.mlflow
+    store.mkdir(parents=True, exist_ok=True)
+    return TrackingTarget(f"sqlite:///{store / 'mlflow.db'}", (store / "artifacts").as_uri())
+
+
+def configure(params: Params, project_root: Path) -> str:
+    """Point MLflow at the store and experiment; returns the experiment id."""
+    target = resolve_target(params, project_root)
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)  # schema-migration chatter
+    mlflow.set_tracking_uri(target.tracking_uri)
+    mlflow.set_registry_uri(target.tracking_uri)
+    experiment = mlflow.get_experiment_by_name(params.tracking.experiment)
+    if experiment is None:
+        location = f"{target.artifact_root}/{params.tracking.experiment}" if target.artifact_root else None
+        experiment_id = mlflow.create_experiment(params.tracking.experiment, artifact_location=location)
+    else:
+        experiment_id = experiment.experiment_id
+    mlflow.set_experiment(experiment_id=experiment_id)
+    return experiment_id
+
+
+@contextmanager
+def start_run(
+    params: Params,
+    project_root: Path,
+    *,
+    stage: str,
+    run_name: str | None = None,
+    tags: Mapping[str, str] | None = None,
+) -> Iterator[mlflow.ActiveRun]:
+    """An MLflow run for one stage, with every param logged (flattened), nested under the parent
+    run named by the environment when there is one."""
+    configure(params, project_root)
+    parent = os.environ.get(PARENT_RUN_ENV) or None
+    all_tags = {"logitflow.stage": stage, **(tags or {})}
+    with mlflow.start_run(run_name=run_name or stage, parent_run_id=parent, tags=all_tags) as run:
+        log_params(flatten_params(params.model_dump(mode="json")))
+        yield run
+
+
+def flatten_params(tree: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
+    """Nested params as dotted keys with string values within MLflow's length limits."""
+    flat: dict[str, str] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping) and value:
+            flat.update(flatten_params(value, f"{name}."))
+            continue
+        text = "null" if value is None else str(value)
+        if len(text) > MAX_PARAM_VAL_LENGTH:
+            text = text[: MAX_PARAM_VAL_LENGTH - 3] + "..."
+        flat[name[:MAX_PARAM_KEY_LENGTH]] = text
+    return flat
+
+
+def log_params(flat: Mapping[str, str]) -> None:
+    items = list(flat.items())
+    for start in range(0, len(items), MAX_PARAMS_TAGS_PER_BATCH):
+        mlflow.log_params(dict(items[start : start + MAX_PARAMS_TAGS_PER_BATCH]))
+
+
+_METRIC_NAME = re.compile(r"[^0-9A-Za-z_\-./ ]")
+
+
+def log_metrics(metrics: Mapping[str, float], step: int | None = None) -> None:
+    """Finite numeric metrics only; names are made MLflow-safe (e.g. TRL's `rewards/chosen` stays)."""
+    clean = {
+        _METRIC_NAME.sub("_", name): float(value)
+        for name, value in metrics.items()
+        if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    }
+    if clean:
+        mlflow.log_metrics(clean, step=step)
+
+
+def log_dict(obj: Mapping[str, Any], artifact_file: str) -> None:
+    mlflow.log_dict(dict(obj), artifact_file)
+
+
+def log_figure(figure: Any, artifact_file: str) -> None:
+    mlflow.log_figure(figure, artifact_file)
+
+
+def log_artifact(path: str | os.PathLike[str], artifact_path: str | None = None) -> None:
+    mlflow.log_artifact(str(path), artifact_path)
+
+
+def _pip_requirements() -> list[str]:
+    from importlib.metadata import version
+
+    packages = ["torch", "transformers", "tokenizers", "safetensors", "accelerate"]
+    return [f"{name}=={version(name).split('+')[0]}" for name in packages]
+
+
+def log_transformers_model(
+    model: Any, tokenizer: Any, *, name: str = "model", registered_model_name: str | None = None
+) -> Any:
+    """Log a causal LM with the transformers flavour (explicit pip requirements: inferring them
+    is slow and fails without torchvision); optionally register it. Returns MLflow's ModelInfo."""
+    return mlflow.transformers.log_model(
+        transformers_model={"model": model, "tokenizer": tokenizer},
+        name=name,
+        task="text-generation",
+        pip_requirements=_pip_requirements(),
+        registered_model_name=registered_model_name,
+    )
