@@ -61,8 +61,15 @@ def configure(params: Params, project_root: Path) -> str:
     """Point MLflow at the store and experiment; returns the experiment id."""
     target = resolve_target(params, project_root)
     logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)  # schema-migration chatter
+    user_uri = os.environ.get("MLFLOW_TRACKING_URI")
     mlflow.set_tracking_uri(target.tracking_uri)
     mlflow.set_registry_uri(target.tracking_uri)
+    # set_tracking_uri also exports MLFLOW_TRACKING_URI; undo that so a later configure() in this
+    # process (another project, a test) still sees only what the user set.
+    if user_uri is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = user_uri
     experiment = mlflow.get_experiment_by_name(params.tracking.experiment)
     if experiment is None:
         location = f"{target.artifact_root}/{params.tracking.experiment}" if target.artifact_root else None

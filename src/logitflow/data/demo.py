@@ -117,14 +117,17 @@ def demo_tasks(n: int, tasks: list[str], seed: int) -> Iterator[DemoTask]:
     """`n` tasks with distinct questions, cycling through `tasks`; deterministic in `seed`."""
     rng = random.Random(seed)
     seen: set[str] = set()
-    attempts = 0
+    misses = 0  # consecutive draws that repeated a question: the task space is nearly exhausted
     while len(seen) < n:
-        attempts += 1
-        if attempts > 50 * n:
-            raise ParamsError(f"prepare.demo.preference_pairs = {n}: cannot make that many distinct questions from tasks {tasks}")
         task = TASK_MAKERS[tasks[len(seen) % len(tasks)]](rng)
         if task.question in seen or task.answer == task.wrong:
+            misses += 1
+            if misses > 5_000:
+                raise ParamsError(
+                    f"prepare.demo.preference_pairs = {n}: cannot make that many distinct questions from tasks {tasks}"
+                )
             continue
+        misses = 0
         seen.add(task.question)
         yield task
 
