@@ -54,10 +54,11 @@ def _stage_names() -> list[str]:
 
 @app.command()
 def stage(
-    name: Annotated[str, typer.Argument(help="stage name, as in dvc.yaml (e.g. prepare, models)")],
+    name: Annotated[str, typer.Argument(help="stage name, as in dvc.yaml (e.g. prepare, models, cache_teacher)")],
+    variant: Annotated[str | None, typer.Argument(help="matrix entry, e.g. rskd in cache_teacher@rskd")] = None,
     params: ParamsOption = None,
 ) -> None:
-    """Run one pipeline stage (the same command DVC runs)."""
+    """Run one pipeline stage (the same command DVC runs): `logitflow stage cache_teacher rskd`."""
     from logitflow.stages import STAGES
 
     if name not in STAGES:
@@ -65,7 +66,7 @@ def stage(
     try:
         path = params_path(params)
         loaded = load_params(path)
-        metrics = STAGES[name](loaded, path.resolve().parent)
+        metrics = STAGES[name](loaded, path.resolve().parent, variant)
     except LogitflowError as err:
         _fail(str(err))
     except ValidationError as err:  # a stage validating its own inputs with pydantic

@@ -35,3 +35,9 @@ def autocast(compute: ComputeSection, device: torch.device) -> contextlib.Abstra
     if compute.precision == "bf16":
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+def inference_dtype(compute: ComputeSection) -> torch.dtype:
+    """Weights dtype for forward-only passes: with bf16 precision the weights themselves are cast
+    once (autocast would re-cast every weight on every call, which dominates chunked LM heads)."""
+    return torch.bfloat16 if compute.precision == "bf16" else torch.float32

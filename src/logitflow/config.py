@@ -132,6 +132,7 @@ class PathsSection(Section):
     prepared: str = "data/prepared"
     models: str = "models"
     reports: str = "reports"
+    caches: str = "cache"
     mlflow: str = ".mlflow"
 
 
@@ -196,6 +197,36 @@ class PrepareSection(Section):
     demo: DemoSection = DemoSection()
 
 
+class RskdSettings(Section):
+    """RS-KD sampling: N draws with replacement per position from q ∝ softmax(logits / T)^τ."""
+
+    n_samples: int = Field(default=50, ge=1, le=65_535)
+    temperature: float = Field(default=1.0, gt=0.0, le=100.0)
+    # τ = 1 is the paper's choice (exact counts, unbiased); τ in [0.8, 1.2] is stable.
+    proposal_power: float = Field(default=1.0, ge=0.0, le=4.0)
+
+
+class TopkSettings(Section):
+    """Top-K caching (the biased baseline): the k most likely ids, their probabilities and the tail mass."""
+
+    k: int = Field(default=12, ge=1, le=65_535)
+    temperature: float = Field(default=1.0, gt=0.0, le=100.0)
+
+
+class CacheTeacherSection(Section):
+    """The `cache_teacher` stage: one teacher pass over the training corpus, sparse targets per position.
+    A DVC matrix over `modes` (cache_teacher@rskd, cache_teacher@topk); `primary` feeds distillation."""
+
+    primary: Literal["rskd", "topk"] = "rskd"
+    batch_size: int = Field(default=8, ge=1, le=4096)
+    sequences_per_shard: int = Field(default=64, ge=1)
+    # Positions per LM-head + sampling chunk: full-vocabulary logits exist only for this many rows.
+    sampling_chunk: int = Field(default=32, ge=1, le=65_536)
+    seed: int = Field(default=0, ge=0)
+    rskd: RskdSettings = RskdSettings()
+    topk: TopkSettings = TopkSettings()
+
+
 class Params(Section):
     compute: ComputeSection = ComputeSection()
     models: ModelsSection
@@ -203,6 +234,7 @@ class Params(Section):
     tracking: TrackingSection = TrackingSection()
     paths: PathsSection = PathsSection()
     prepare: PrepareSection = PrepareSection()
+    cache_teacher: CacheTeacherSection = CacheTeacherSection()
 
 
 # ---------------------------------------------------------------- loading

@@ -1,17 +1,32 @@
-"""One module per pipeline stage, each with `run(params, root) -> metrics`; one DVC stage each."""
+"""One module per pipeline stage, each with `run(params, root, variant) -> metrics`; one DVC stage
+each (matrix stages take the variant, e.g. `cache_teacher@rskd`)."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from logitflow.config import Params
-from logitflow.stages import models, prepare
+from logitflow.errors import LogitflowError
+from logitflow.stages import cache_teacher, models, prepare
 
-StageRun = Callable[[Params, Path], dict[str, Any]]
 
-STAGES: dict[str, StageRun] = {
-    "prepare": prepare.run,
-    "models": models.run,
+@dataclass(frozen=True)
+class Stage:
+    run: Callable[..., dict[str, Any]]
+    variants: tuple[str, ...] = ()
+
+    def __call__(self, params: Params, root: Path, variant: str | None = None) -> dict[str, Any]:
+        if variant is not None and variant not in self.variants:
+            allowed = ", ".join(self.variants) or "none"
+            raise LogitflowError(f"unknown variant '{variant}' (variants: {allowed})")
+        return self.run(params, root, variant) if self.variants else self.run(params, root)
+
+
+STAGES: dict[str, Stage] = {
+    "prepare": Stage(prepare.run),
+    "models": Stage(models.run),
+    "cache_teacher": Stage(cache_teacher.run, cache_teacher.MODES),
 }

@@ -1,0 +1,1 @@
+"""The teacher logit cache: codec, shard files, manifest, writer and reader."""
