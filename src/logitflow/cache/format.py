@@ -28,7 +28,7 @@ from logitflow.cache.codec import EncodedSets, decode_sets, encode_sets
 from logitflow.errors import LogitflowError
 from logitflow.fsio import atomic_write_bytes, atomic_write_json
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 MANIFEST_FILE = "manifest.json"
 Mode = Literal["rskd", "topk"]
 
@@ -96,7 +96,9 @@ def read_manifest(directory: Path) -> Manifest:
     path = directory / MANIFEST_FILE
     if not path.is_file():
         if directory.is_dir() and any(directory.glob("shard-*.safetensors")):
-            raise CacheError(f"{directory}: incomplete cache (shards but no manifest); rerun cache_teacher to finish it")
+            raise CacheError(
+                f"{directory}: incomplete cache (shards but no manifest); rerun cache_teacher to finish it"
+            )
         raise CacheError(f"{directory}: no teacher cache here; run `logitflow stage cache_teacher`")
     try:
         return Manifest.model_validate_json(path.read_text())
@@ -133,6 +135,16 @@ class Shard:
     def positions(self) -> int:
         return int((self.lengths - 1).sum())
 
+    def next_ids(self) -> np.ndarray:
+        """[P]: the true next token of every row (row t of a sequence -> its token t+1)."""
+        return next_tokens(self.input_ids, self.lengths)
+
+
+def next_tokens(input_ids: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    is_first = np.zeros(input_ids.size, dtype=bool)
+    is_first[np.cumsum(lengths) - lengths] = True
+    return input_ids[~is_first].astype(np.int64)
+
 
 def encode_shard(
     shard: Shard, *, mode: Mode, key_sha256: str, n_samples: int, vocab_size: int
@@ -145,13 +157,8 @@ def encode_shard(
     targets = shard.targets
     if mode == "rskd":
         assert targets.counts is not None
-        encoded = encode_sets(targets.num_unique, targets.ids, targets.counts, n_samples, vocab_size)
-        tensors.update(
-            rskd_words=encoded.words,
-            rskd_k_hist=encoded.k_hist,
-            rskd_gap_hist=encoded.gap_hist,
-            rskd_count_hist=encoded.count_hist,
-        )
+        encoded = encode_sets(targets.num_unique, targets.ids, targets.counts, shard.next_ids(), n_samples, vocab_size)
+        tensors.update(rskd_words=encoded.words, rskd_tables=encoded.tables)
         if targets.weights is not None:
             tensors["rskd_weights"] = targets.weights.astype(np.float16)
         entries = int(targets.num_unique.sum())
@@ -172,13 +179,17 @@ def encode_shard(
         "entries": entries,
         "target_bytes": target_bytes,
     }
-    metadata = {"schema_version": str(SCHEMA_VERSION), "mode": mode, "key_sha256": key_sha256} | {
-        k: str(v) for k, v in counts.items()
-    }
+    metadata = {
+        "schema_version": str(SCHEMA_VERSION),
+        "mode": mode,
+        "key_sha256": key_sha256,
+        "n_samples": str(n_samples),
+        "vocab_size": str(vocab_size),
+    } | {k: str(v) for k, v in counts.items()}
     return save_safetensors(tensors, metadata=metadata), counts
 
 
-def decode_shard(data: bytes, *, mode: Mode, origin: str) -> Shard:
+def decode_shard(data: bytes, *, mode: Mode, n_samples: int, vocab_size: int, origin: str) -> Shard:
     try:
         tensors = load_safetensors(data)
     except (SafetensorError, ValueError) as err:
@@ -186,10 +197,9 @@ def decode_shard(data: bytes, *, mode: Mode, origin: str) -> Shard:
     lengths = tensors["lengths"].astype(np.int64)
     positions = int((lengths - 1).sum())
     if mode == "rskd":
-        encoded = EncodedSets(
-            tensors["rskd_words"], tensors["rskd_k_hist"], tensors["rskd_gap_hist"], tensors["rskd_count_hist"]
-        )
-        num_unique, ids, counts = decode_sets(encoded, positions)
+        encoded = EncodedSets(tensors["rskd_words"], tensors["rskd_tables"])
+        next_ids = next_tokens(tensors["input_ids"], lengths)
+        num_unique, ids, counts = decode_sets(encoded, next_ids, n_samples, vocab_size)
         weights = tensors.get("rskd_weights")
         targets = ShardTargets(num_unique, ids, counts, weights, None, None)
     else:

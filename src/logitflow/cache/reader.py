@@ -76,7 +76,13 @@ class TeacherCache:
             raise CacheError(f"{path}: shard listed in the manifest is missing") from None
         if hashlib.sha256(data).hexdigest() != entry.sha256:
             raise CacheError(f"{path}: checksum mismatch (corrupted or modified); rerun cache_teacher to rebuild it")
-        shard = decode_shard(data, mode=self.manifest.mode, origin=str(path))
+        shard = decode_shard(
+            data,
+            mode=self.manifest.mode,
+            n_samples=int(self.manifest.key["sampling"].get("n_samples", 1)),
+            vocab_size=self.manifest.vocab_size,
+            origin=str(path),
+        )
         token_starts = np.concatenate([[0], np.cumsum(shard.lengths)])
         entry_starts = np.concatenate([[0], np.cumsum(shard.targets.num_unique)])
         self._open[index] = (shard, token_starts, entry_starts)
@@ -101,7 +107,11 @@ class TeacherCache:
         targets = shard.targets
         if self.manifest.mode == "topk":
             assert targets.topk_probs is not None and targets.tail is not None
-            return ids, [targets.ids[rows], targets.topk_probs[rows].astype(np.float32), targets.tail[rows].astype(np.float32)]
+            return ids, [
+                targets.ids[rows],
+                targets.topk_probs[rows].astype(np.float32),
+                targets.tail[rows].astype(np.float32),
+            ]
         k = targets.num_unique[rows]
         lo, hi = int(entry_starts[rows.start]), int(entry_starts[rows.stop])
         width = int(k.max()) if k.size else 0

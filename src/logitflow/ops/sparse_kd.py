@@ -61,10 +61,7 @@ def unique_counts(samples: torch.Tensor, max_unique: int | None = None) -> tuple
     is_new = torch.ones_like(sorted_samples, dtype=torch.bool)
     is_new[:, 1:] = sorted_samples[:, 1:] != sorted_samples[:, :-1]
     slot = is_new.long().cumsum(-1) - 1  # [P, N]: which unique slot each sample falls in
-    if max_unique is not None:
-        width = max_unique
-    else:
-        width = int(slot[:, -1].max().item()) + 1 if samples.numel() else 0
+    width = max_unique if max_unique is not None else int(slot[:, -1].max().item()) + 1 if samples.numel() else 0
     ids = torch.zeros(samples.shape[0], width, dtype=torch.long, device=samples.device)
     counts = torch.zeros_like(ids)
     ids.scatter_(1, slot, sorted_samples)

@@ -47,7 +47,9 @@ def run(params: Params, root: Path, variant: str | None = None) -> dict[str, Any
     context = getattr(teacher.model.config, "max_position_embeddings", None) or params.data.max_length
     max_length = min(params.data.max_length, context)
     if max_length < params.data.max_length:
-        log.warning("data.max_length=%d exceeds the teacher's context %d: using %d", params.data.max_length, context, max_length)
+        log.warning(
+            "data.max_length=%d exceeds the teacher's context %d: using %d", params.data.max_length, context, max_length
+        )
 
     corpus = read_split(params, root, "corpus_train")
     truncation = TruncationCounter()
@@ -68,8 +70,11 @@ def run(params: Params, root: Path, variant: str | None = None) -> dict[str, Any
         "long_documents": params.data.long_documents,
         "data_fingerprint": prepared_report["fingerprints"]["corpus_train"],
         "sampling": {**settings.model_dump(), "seed": section.seed},
-        "batching": {"batch_size": section.batch_size, "sequences_per_shard": section.sequences_per_shard,
-                     "sampling_chunk": section.sampling_chunk},  # fmt: skip
+        "batching": {
+            "batch_size": section.batch_size,
+            "sequences_per_shard": section.sequences_per_shard,
+            "sampling_chunk": section.sampling_chunk,
+        },
         "precision": params.compute.precision,
         "device_type": device.type,
     }
