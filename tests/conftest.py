@@ -40,6 +40,9 @@ def tiny_params(root: Path) -> dict:
         "tasks": ["arithmetic", "units", "strings"],
         "corpus_documents": 6,
     }
+    params["cache_teacher"].update(batch_size=4, sequences_per_shard=32, sampling_chunk=16)
+    params["cache_teacher"]["rskd"]["n_samples"] = 16
+    params["cache_teacher"]["topk"]["k"] = 5
     return params
 
 
@@ -55,6 +58,31 @@ def tiny_project(tmp_path: Path) -> Path:
     """A project directory with a tiny params.yaml (no git/DVC)."""
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(tiny_params(tmp_path), sort_keys=False))
     return tmp_path
+
+
+@pytest.fixture
+def prepared_project(tiny_project: Path) -> Path:
+    """A tiny project after the prepare and models stages."""
+    from logitflow.config import load_params
+    from logitflow.stages import STAGES
+
+    params = load_params(tiny_project / "params.yaml")
+    STAGES["prepare"](params, tiny_project)
+    STAGES["models"](params, tiny_project)
+    return tiny_project
+
+
+def set_params(root: Path, **updates: object) -> None:
+    """Set dotted keys in root/params.yaml, e.g. set_params(root, **{"cache_teacher.seed": 3})."""
+    path = root / "params.yaml"
+    data = yaml.safe_load(path.read_text())
+    for dotted, value in updates.items():
+        *parents, leaf = dotted.split(".")
+        node = data
+        for part in parents:
+            node = node[part]
+        node[leaf] = value
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
 
 
 @pytest.fixture

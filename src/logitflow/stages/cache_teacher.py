@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from logitflow import tracking
 from logitflow.cache.format import CacheError, Mode
@@ -31,14 +34,19 @@ def cache_dir(params: Params, root: Path, mode: str) -> Path:
     return root / params.paths.caches / f"teacher_{mode}"
 
 
-def run(params: Params, root: Path, variant: str | None = None) -> dict[str, Any]:
+@dataclass(frozen=True)
+class PreparedPass:
+    job: CacheJob
+    model: torch.nn.Module
+    device: torch.device
+    truncation: TruncationCounter
+
+
+def prepare_pass(params: Params, root: Path, mode: Mode) -> PreparedPass:
+    """Load and verify the teacher, tokenise the corpus and describe the job (no sampling yet)."""
     section = params.cache_teacher
-    mode: Mode = variant or section.primary  # type: ignore[assignment]
-    if mode not in MODES:
-        raise CacheError(f"cache_teacher: unknown mode '{mode}' (modes: {', '.join(MODES)})")
     apply_threads(params.compute)
     device = resolve_device(params.compute)
-
     teacher_path = model_dir(params, root, "teacher")
     card = read_model_card(teacher_path)
     teacher = load_materialized(teacher_path)
@@ -93,7 +101,16 @@ def run(params: Params, root: Path, variant: str | None = None) -> dict[str, Any
         pad_id=teacher.tokenizer.pad_token_id if teacher.tokenizer.pad_token_id is not None else 0,
     )
     model = teacher.model.to(device=device, dtype=inference_dtype(params.compute))
-    manifest, stats = run_cache_pass(model, job, device, lambda: autocast(params.compute, device))
+    return PreparedPass(job, model, device, truncation)
+
+
+def run(params: Params, root: Path, variant: str | None = None) -> dict[str, Any]:
+    mode: Mode = variant or params.cache_teacher.primary  # type: ignore[assignment]
+    if mode not in MODES:
+        raise CacheError(f"cache_teacher: unknown mode '{mode}' (modes: {', '.join(MODES)})")
+    prepared = prepare_pass(params, root, mode)
+    job, device, truncation = prepared.job, prepared.device, prepared.truncation
+    manifest, stats = run_cache_pass(prepared.model, job, device, lambda: autocast(params.compute, device))
 
     metrics = {
         "sequences": manifest.sequences,
