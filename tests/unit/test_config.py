@@ -52,6 +52,12 @@ BAD_PARAMS = [
     ({"prepare": {"demo": {"tasks": ["arithmetic", "arithmetic"]}}}, "duplicates"),
     ({"prepare": {"demo": {"tasks": ["poetry"]}}}, "prepare.demo.tasks.0 = 'poetry'"),
     ({"tracking": {"experiment": ""}}, "tracking.experiment = ''"),
+    ({"cache_teacher": {"rskd": {"n_samples": 0}}}, "cache_teacher.rskd.n_samples = 0"),
+    ({"cache_teacher": {"rskd": {"temperature": 0}}}, "cache_teacher.rskd.temperature = 0"),
+    ({"cache_teacher": {"rskd": {"proposal_power": -0.5}}}, "cache_teacher.rskd.proposal_power = -0.5"),
+    ({"cache_teacher": {"topk": {"k": 0}}}, "cache_teacher.topk.k = 0"),
+    ({"cache_teacher": {"primary": "full"}}, "cache_teacher.primary = 'full'"),
+    ({"cache_teacher": {"batch_size": 0}}, "cache_teacher.batch_size = 0"),
 ]
 
 

@@ -30,6 +30,7 @@ from logitflow.fsio import atomic_write_bytes, atomic_write_json
 
 SCHEMA_VERSION = 2
 MANIFEST_FILE = "manifest.json"
+METADATA_KEY = "logitflow"
 Mode = Literal["rskd", "topk"]
 
 
@@ -179,13 +180,17 @@ def encode_shard(
         "entries": entries,
         "target_bytes": target_bytes,
     }
-    metadata = {
-        "schema_version": str(SCHEMA_VERSION),
+    header = {
+        "schema_version": SCHEMA_VERSION,
         "mode": mode,
         "key_sha256": key_sha256,
-        "n_samples": str(n_samples),
-        "vocab_size": str(vocab_size),
-    } | {k: str(v) for k, v in counts.items()}
+        "n_samples": n_samples,
+        "vocab_size": vocab_size,
+        **counts,
+    }
+    # One canonical JSON entry: safetensors writes a metadata *map* in arbitrary order, which
+    # would make equal shards differ byte for byte between processes.
+    metadata = {METADATA_KEY: json.dumps(header, sort_keys=True)}
     return save_safetensors(tensors, metadata=metadata), counts
 
 
@@ -210,14 +215,14 @@ def decode_shard(data: bytes, *, mode: Mode, n_samples: int, vocab_size: int, or
     return Shard(tensors["input_ids"].astype(np.int64), lengths, targets)
 
 
-def shard_metadata(path: Path) -> dict[str, str] | None:
-    """The safetensors metadata of a complete shard file (None if unreadable)."""
+def shard_metadata(path: Path) -> dict[str, Any] | None:
+    """The header a complete shard file was written with (None if unreadable)."""
     from safetensors import safe_open
 
     try:
         with safe_open(str(path), framework="numpy") as handle:
-            return dict(handle.metadata() or {})
-    except (SafetensorError, OSError, ValueError):
+            return json.loads((handle.metadata() or {})[METADATA_KEY])
+    except (SafetensorError, OSError, ValueError, KeyError):
         return None
 
 

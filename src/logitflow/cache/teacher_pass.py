@@ -141,9 +141,9 @@ def compute_shard(
     return Shard(input_ids, lengths, shard_targets)
 
 
-def _reusable(path: Path, key_sha256: str) -> dict[str, str] | None:
+def _reusable(path: Path, key_sha256: str) -> dict[str, Any] | None:
     metadata = shard_metadata(path) if path.is_file() else None
-    if metadata and metadata.get("key_sha256") == key_sha256 and metadata.get("schema_version") == str(SCHEMA_VERSION):
+    if metadata and metadata.get("key_sha256") == key_sha256 and metadata.get("schema_version") == SCHEMA_VERSION:
         return metadata
     return None
 
