@@ -67,6 +67,7 @@ class Manifest(BaseModel):
     key: dict[str, Any]
     key_sha256: str
     vocab_size: int
+    n_samples: int  # RS-KD draws per position (0 for Top-K)
     sequences: int
     tokens: int
     positions: int

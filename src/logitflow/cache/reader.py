@@ -79,7 +79,7 @@ class TeacherCache:
         shard = decode_shard(
             data,
             mode=self.manifest.mode,
-            n_samples=int(self.manifest.key["sampling"].get("n_samples", 1)),
+            n_samples=self.manifest.n_samples,
             vocab_size=self.manifest.vocab_size,
             origin=str(path),
         )
@@ -125,8 +125,7 @@ class TeacherCache:
             dense_probs /= dense_probs.sum(-1, keepdims=True).clip(min=np.finfo(np.float32).tiny)
         else:
             assert targets.counts is not None
-            n_samples = self.manifest.key["sampling"]["n_samples"]
-            dense_probs[row_of, slot] = targets.counts[lo:hi] / n_samples
+            dense_probs[row_of, slot] = targets.counts[lo:hi] / self.manifest.n_samples
         return ids, [dense_ids, dense_probs]
 
     def batch(self, indices: list[int], pad_id: int = 0) -> CacheBatch:

@@ -203,6 +203,7 @@ def run_cache_pass(
         key=job.key,
         key_sha256=key_sha256,
         vocab_size=job.vocab_size,
+        n_samples=job.rskd.n_samples if job.mode == "rskd" else 0,
         sequences=len(job.sequences),
         tokens=total_tokens,
         positions=sum(e.positions for e in entries),
