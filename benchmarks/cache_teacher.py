@@ -99,7 +99,7 @@ def speed(model, job, device, ac, repeats: int) -> dict:
         with torch.inference_mode():
             for ids, mask in _batches(job.sequences, job.batch_size, job.pad_id):
                 with ac():
-                    model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
+                    model(input_ids=ids.to(device), attention_mask=mask.to(device))
 
     whole = replace(job, sequences_per_shard=len(job.sequences))
 
@@ -114,8 +114,14 @@ def speed(model, job, device, ac, repeats: int) -> dict:
         cache_s.append(median_seconds(caching_pass, 1))
     tokens = sum(map(len, job.sequences))
     forward, cache = float(np.median(forward_s)), float(np.median(cache_s))
-    return {"tokens": tokens, "bare_forward_s": forward, "caching_pass_s": cache, "ratio_cache_to_forward": cache / forward,
-            "bare_forward_tok_s": tokens / forward, "caching_pass_tok_s": tokens / cache}  # fmt: skip
+    return {
+        "tokens": tokens,
+        "bare_forward_s": forward,
+        "caching_pass_s": cache,
+        "ratio_cache_to_forward": cache / forward,
+        "bare_forward_tok_s": tokens / forward,
+        "caching_pass_tok_s": tokens / cache,
+    }
 
 
 def reader_vs_student(model, job, device, ac, params) -> dict:
@@ -131,8 +137,7 @@ def reader_vs_student(model, job, device, ac, params) -> dict:
             reader.batch(indices[first : first + 8], pad_id=job.pad_id)
         reader_s = time.perf_counter() - start
         tokens = reader.manifest.tokens
-        reader2 = TeacherCache(cache_job.directory)
-        batch = reader2.batch(indices[:8], pad_id=job.pad_id)
+        batch = reader.batch(indices[:8], pad_id=job.pad_id)
 
     config = LlamaConfig(vocab_size=job.vocab_size, hidden_size=512, intermediate_size=1536, num_hidden_layers=6,
                          num_attention_heads=8, num_key_value_heads=8, tie_word_embeddings=True)  # fmt: skip
@@ -172,8 +177,7 @@ def main() -> None:
             "batch_size": job.batch_size,
             "precision": params.compute.precision,
             "device": device.type,
-            "teacher": "models/teacher",
-        },  # fmt: skip
+        },
         "storage": storage(model, job, device, ac),
         "speed": speed(model, job, device, ac, args.repeats),
         "reader": reader_vs_student(model, job, device, ac, params),
@@ -182,14 +186,17 @@ def main() -> None:
     print(f"wrote {path}")
     for name, row in result["storage"].items():
         print(
-            f"  {name:10s} {row['unique_per_position']:8.1f} ids/pos {row['bytes_per_token']:10.1f} B/token {row['bytes_per_entry']:6.3f} B/entry"
+            f"  {name:10s} {row['unique_per_position']:8.1f} ids/pos {row['bytes_per_token']:10.1f} B/token "
+            f"{row['bytes_per_entry']:6.3f} B/entry"
         )
-    s, r = result["speed"], result["reader"]
+    speed_row, reader_row = result["speed"], result["reader"]
     print(
-        f"  caching pass / bare forward: {s['ratio_cache_to_forward']:.3f}  ({s['caching_pass_tok_s']:.0f} vs {s['bare_forward_tok_s']:.0f} tok/s)"
+        f"  caching pass / bare forward: {speed_row['ratio_cache_to_forward']:.3f} "
+        f"({speed_row['caching_pass_tok_s']:.0f} vs {speed_row['bare_forward_tok_s']:.0f} tok/s)"
     )
     print(
-        f"  reader {r['reader_tok_s']:.0f} tok/s vs student training {r['student_train_tok_s']:.0f} tok/s: {r['ratio_reader_to_student']:.0f}x"
+        f"  reader {reader_row['reader_tok_s']:.0f} tok/s vs student training "
+        f"{reader_row['student_train_tok_s']:.0f} tok/s: {reader_row['ratio_reader_to_student']:.0f}x"
     )
 
 
