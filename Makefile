@@ -19,11 +19,12 @@ export PREFECT_HOME := $(CURDIR)/.prefect
 export HF_HOME := $(CURDIR)/.cache/huggingface
 export DVC_SITE_CACHE_DIR := $(CURDIR)/.cache/dvc-site
 
-.PHONY: help setup demo test lint clean
+.PHONY: help setup demo test bench lint clean
 
 help:
 	@echo "make demo   set up (.venv, CPU torch, package, offline teacher, DVC) and run the pipeline"
 	@echo "make test   set up if needed and run the test suite"
+	@echo "make bench  run every benchmark in benchmarks/ (needs the demo's models and data)"
 	@echo "make lint   ruff"
 
 # torch first, pinned to the CPU wheel: a plain `torch` would pull a multi-GB CUDA build.
@@ -46,8 +47,12 @@ demo: setup
 test: setup
 	$(BIN)/python -m pytest
 
+bench: setup
+	$(BIN)/dvc repro prepare models
+	for script in benchmarks/[a-z]*.py; do [ "$$script" = benchmarks/common.py ] || $(BIN)/python $$script || exit 1; done
+
 lint: setup
 	$(BIN)/ruff check .
 
 clean:
-	rm -rf .prefect .cache .mlflow data/prepared models reports
+	rm -rf .prefect .cache .mlflow data/prepared models cache

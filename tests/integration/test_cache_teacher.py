@@ -148,3 +148,11 @@ def test_empty_corpus_is_refused_before_any_teacher_pass(prepared_project: Path)
     with pytest.raises(DataError, match="empty.jsonl: no usable corpus rows"):
         prepare.run(load_params(prepared_project / "params.yaml"), prepared_project)
     assert not (prepared_project / "cache").exists()
+
+
+def test_max_length_beyond_the_teacher_context_is_clipped_and_recorded(prepared_project: Path) -> None:
+    set_params(prepared_project, **{"data.max_length": 4096})  # the tiny teacher's context is 512
+    metrics = _run(prepared_project)
+    manifest = read_manifest(prepared_project / "cache/teacher_rskd")
+    assert manifest.key["max_length"] == 512
+    assert metrics["documents_split"] >= 1, "documents longer than the context are chunked and counted"

@@ -90,3 +90,19 @@ def test_shipped_smollm2_gguf_loads_and_answers() -> None:
     )
     output = model.generate(**inputs, max_new_tokens=12, do_sample=False)
     assert "Paris" in tokenizer.decode(output[0, inputs["input_ids"].shape[1] :])
+
+
+def test_hub_source_loads_from_the_offline_hub_cache(tmp_path: Path, monkeypatch) -> None:
+    """The hub code path, exercised offline: a hub id resolves from a filled HF cache."""
+    revision = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / "models--logitflow--tiny-llama"
+    card = materialize(TINY, repo / "snapshots" / revision)
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(revision)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    loaded = load_pretrained(ModelSpec(source="hub", path="logitflow/tiny-llama"))
+    assert weights_hash(loaded.model) == card["weights_sha256"]
+    assert tokenizer_hash(loaded.tokenizer) == card["tokenizer_sha256"]
