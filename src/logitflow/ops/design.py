@@ -54,9 +54,17 @@ class DesignResult:
 
 
 class DOptimalDesign:
-    """Incremental greedy D-optimal design over a fixed pool of features [N, d]."""
+    """Incremental greedy D-optimal design over a fixed pool of features [N, d].
 
-    def __init__(self, features: torch.Tensor, gamma: float, weight_fn: WeightFn, *, block: int = 64):
+    Every pair's quad = φᵀH⁻¹φ is kept exact as of the last sync; the rank-one updates since then
+    (ũ_j = H⁻¹v_j / sqrt(1 + v_jᵀH⁻¹v_j), so quad drops by (φᵀũ_j)²) are applied on demand to the
+    few candidates lazy evaluation looks at, and to the whole pool every `sync_every` picks as one
+    matrix product (a GEMM instead of a memory-bound matrix-vector product per pick).
+    """
+
+    def __init__(
+        self, features: torch.Tensor, gamma: float, weight_fn: WeightFn, *, block: int = 32, sync_every: int = 64
+    ):
         if features.ndim != 2 or features.shape[0] == 0:
             raise ValueError(f"features must be a non-empty [N, d] matrix, got shape {tuple(features.shape)}")
         if not torch.isfinite(features).all():
@@ -70,30 +78,39 @@ class DOptimalDesign:
         self.hinv = torch.eye(d, dtype=torch.float64, device=self.device) / gamma
         self.logdet = d * math.log(gamma)
         self.available = torch.ones(n, dtype=torch.bool, device=self.device)
-        self.block = block
+        self.synced_quad = features.to(torch.float64).pow(2).sum(-1) / gamma
+        self.pending: list[torch.Tensor] = []
+        self.block, self.sync_every = block, sync_every
         self.indices: list[int] = []
         self.gains: list[float] = []
         self.logdets: list[float] = []
         self.reweight(weight_fn)
 
     def _quad(self, indices: torch.Tensor) -> torch.Tensor:
-        rows = self.features[indices].to(torch.float64)
-        return ((rows @ self.hinv) * rows).sum(-1)
+        quad = self.synced_quad[indices]
+        if self.pending:
+            rows = self.features[indices].to(torch.float64)
+            quad = quad - (rows @ torch.stack(self.pending).T).pow(2).sum(-1)
+        return quad
 
-    def _gains(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        quad = self._quad(indices)
-        weights = self.weight_fn(indices, quad)
-        return torch.log1p(weights * quad), weights
+    def _gains(self, indices: torch.Tensor, quad: torch.Tensor) -> torch.Tensor:
+        return torch.log1p(self.weight_fn(indices, quad) * quad)
+
+    def _sync(self) -> None:
+        """Apply the pending rank-one updates to every pair's quad, and refresh every bound."""
+        if self.pending:
+            updates = torch.stack(self.pending).to(self.features.dtype)
+            for start in range(0, self.features.shape[0], 16_384):
+                rows = self.features[start : start + 16_384]
+                self.synced_quad[start : start + 16_384] -= (rows @ updates.T).to(torch.float64).pow(2).sum(-1)
+            self.pending = []
+        everything = torch.arange(self.features.shape[0], device=self.device)
+        self.bounds = self._gains(everything, self.synced_quad)
 
     def reweight(self, weight_fn: WeightFn) -> None:
         """New weights (e.g. after a refit of θ̂): every bound is recomputed exactly."""
         self.weight_fn = weight_fn
-        n = self.features.shape[0]
-        bounds = torch.empty(n, dtype=torch.float64, device=self.device)
-        for start in range(0, n, 8192):
-            chunk = torch.arange(start, min(start + 8192, n), device=self.device)
-            bounds[chunk] = self._gains(chunk)[0]
-        self.bounds = bounds
+        self._sync()
 
     def remove(self, index: int) -> None:
         """Take a pair out of the pool without adding it to H (e.g. a skipped question)."""
@@ -113,7 +130,7 @@ class DOptimalDesign:
             take = min(size + 1, self.remaining)
             top = masked.topk(take)
             candidates = top.indices[: min(size, take)]
-            exact, _ = self._gains(candidates)
+            exact = self._gains(candidates, self._quad(candidates))
             self.bounds[candidates] = exact
             masked[candidates] = exact
             best = int(torch.argmax(exact))
@@ -125,18 +142,22 @@ class DOptimalDesign:
     def add(self, index: int) -> float:
         """Add pair `index` to the design with its current weight; returns its gain."""
         row = self.features[index].to(torch.float64)
-        quad = row @ self.hinv @ row
-        weight = float(self.weight_fn(torch.tensor([index], device=self.device), quad.reshape(1))[0])
+        position = torch.tensor([index], device=self.device)
+        weight = float(self.weight_fn(position, self._quad(position))[0])
         v = math.sqrt(weight) * row
         u = self.hinv @ v
         denominator = 1.0 + float(v @ u)
-        self.hinv -= torch.outer(u, u) / denominator
+        update = u / math.sqrt(denominator)
+        self.hinv -= torch.outer(update, update)
+        self.pending.append(update)
         gain = math.log(denominator)
         self.logdet += gain
         self.available[index] = False
         self.indices.append(index)
         self.gains.append(gain)
         self.logdets.append(self.logdet)
+        if len(self.pending) >= self.sync_every:
+            self._sync()
         return gain
 
     def step(self) -> int:

@@ -25,7 +25,9 @@ def _pool(n: int = 40, d: int = 5, seed: int = 0) -> torch.Tensor:
 @pytest.mark.parametrize("weighted", [False, True])
 def test_greedy_equals_exhaustive_search_step_by_step(seed: int, weighted: bool) -> None:
     features = _pool(seed=seed)
-    weights = torch.rand(40, generator=torch.Generator().manual_seed(seed + 10), dtype=torch.float64) if weighted else None
+    weights = (
+        torch.rand(40, generator=torch.Generator().manual_seed(seed + 10), dtype=torch.float64) if weighted else None
+    )
     gamma = 0.5
     picks = greedy_doptimal(features, 12, weights=weights, gamma=gamma)
     chosen: list[int] = []
