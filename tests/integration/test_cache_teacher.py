@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from logitflow.cache import teacher_pass
-from logitflow.cache.format import MANIFEST_FILE, CacheError, decode_shard, read_manifest
+from logitflow.cache import shards
+from logitflow.cache.format import MANIFEST_FILE, decode_shard, read_manifest
 from logitflow.cache.reader import TeacherCache
+from logitflow.cache.shards import CacheError
 from logitflow.cache.teacher_pass import compute_shard
 from logitflow.compute import autocast
 from logitflow.config import load_params
@@ -33,7 +34,7 @@ def test_rskd_cache_equals_direct_computation(prepared_project: Path) -> None:
     job = prepared.job
     manifest = read_manifest(job.directory)
     assert manifest.sequences == len(job.sequences) == metrics["sequences"]
-    assert manifest.shards[0].sequences == 32 and len(manifest.shards) == job.num_shards > 2
+    assert manifest.shards[0].counts["sequences"] == 32 and len(manifest.shards) == job.num_shards > 2
     assert metrics["bytes_per_entry"] == round(manifest.bytes_per_entry, 4) < 2.0
 
     for index in (0, job.num_shards - 1):
@@ -118,7 +119,7 @@ def test_reader_refuses_mismatches_and_corruption(prepared_project: Path) -> Non
 
 
 def test_write_error_keeps_finished_shards_and_resumes(prepared_project: Path, monkeypatch) -> None:
-    real_write = teacher_pass.write_shard
+    real_write = shards.atomic_write_bytes
     calls = {"n": 0}
 
     def failing_write(path, data):
@@ -127,14 +128,14 @@ def test_write_error_keeps_finished_shards_and_resumes(prepared_project: Path, m
             raise OSError(errno.ENOSPC, "No space left on device")
         return real_write(path, data)
 
-    monkeypatch.setattr(teacher_pass, "write_shard", failing_write)
+    monkeypatch.setattr(shards, "atomic_write_bytes", failing_write)
     with pytest.raises(CacheError, match=r"shard-00001.safetensors: cannot write shard \(No space left on device\)"):
         _run(prepared_project)
     directory = prepared_project / "cache/teacher_rskd"
     assert [p.name for p in directory.iterdir()] == ["shard-00000.safetensors"]
     first = (directory / "shard-00000.safetensors").stat().st_mtime_ns
 
-    monkeypatch.setattr(teacher_pass, "write_shard", real_write)
+    monkeypatch.setattr(shards, "atomic_write_bytes", real_write)
     _run(prepared_project)
     assert (directory / "shard-00000.safetensors").stat().st_mtime_ns == first, "finished shard reused"
     assert json.loads((directory / MANIFEST_FILE).read_text())["sequences"] > 32

@@ -12,8 +12,6 @@ A cache is a directory:
 
 from __future__ import annotations
 
-import hashlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -22,40 +20,15 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict
 from safetensors import SafetensorError
 from safetensors.numpy import load as load_safetensors
-from safetensors.numpy import save as save_safetensors
 
 from logitflow.cache.codec import EncodedSets, decode_sets, encode_sets
-from logitflow.errors import LogitflowError
-from logitflow.fsio import atomic_write_bytes, atomic_write_json
+from logitflow.cache.shards import CacheError, ShardEntry
+from logitflow.fsio import atomic_write_json
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 MANIFEST_FILE = "manifest.json"
-METADATA_KEY = "logitflow"
 Mode = Literal["rskd", "topk"]
-
-
-class CacheError(LogitflowError):
-    """A cache that is missing, incomplete, corrupted or made for another model/tokenizer/data."""
-
-
-def shard_name(index: int) -> str:
-    return f"shard-{index:05d}.safetensors"
-
-
-def key_digest(key: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
-
-
-class ShardEntry(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    file: str
-    sequences: int
-    tokens: int
-    positions: int
-    entries: int
-    bytes: int
-    target_bytes: int
-    sha256: str
+SHARD_COUNTS = ("sequences", "tokens", "positions", "entries", "target_bytes")
 
 
 class Manifest(BaseModel):
@@ -149,9 +122,10 @@ def next_tokens(input_ids: np.ndarray, lengths: np.ndarray) -> np.ndarray:
 
 
 def encode_shard(
-    shard: Shard, *, mode: Mode, key_sha256: str, n_samples: int, vocab_size: int
-) -> tuple[bytes, dict[str, int]]:
-    """The shard file's bytes and its counts (tokens, positions, entries, target_bytes)."""
+    shard: Shard, *, mode: Mode, n_samples: int, vocab_size: int
+) -> tuple[dict[str, np.ndarray], dict[str, int]]:
+    """The shard file's tensors and its counts (sequences, tokens, positions, entries, target_bytes;
+    `units` = tokens, for progress)."""
     tensors: dict[str, np.ndarray] = {
         "input_ids": shard.input_ids.astype(np.int32),
         "lengths": shard.lengths.astype(np.int32),
@@ -180,19 +154,9 @@ def encode_shard(
         "positions": shard.positions,
         "entries": entries,
         "target_bytes": target_bytes,
+        "units": int(shard.lengths.sum()),
     }
-    header = {
-        "schema_version": SCHEMA_VERSION,
-        "mode": mode,
-        "key_sha256": key_sha256,
-        "n_samples": n_samples,
-        "vocab_size": vocab_size,
-        **counts,
-    }
-    # One canonical JSON entry: safetensors writes a metadata *map* in arbitrary order, which
-    # would make equal shards differ byte for byte between processes.
-    metadata = {METADATA_KEY: json.dumps(header, sort_keys=True)}
-    return save_safetensors(tensors, metadata=metadata), counts
+    return tensors, counts
 
 
 def decode_shard(data: bytes, *, mode: Mode, n_samples: int, vocab_size: int, origin: str) -> Shard:
@@ -214,20 +178,3 @@ def decode_shard(data: bytes, *, mode: Mode, n_samples: int, vocab_size: int, or
             np.full(positions, ids.shape[1]), ids, None, None, tensors["topk_probs"], tensors["topk_tail"]
         )
     return Shard(tensors["input_ids"].astype(np.int64), lengths, targets)
-
-
-def shard_metadata(path: Path) -> dict[str, Any] | None:
-    """The header a complete shard file was written with (None if unreadable)."""
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), framework="numpy") as handle:
-            return json.loads((handle.metadata() or {})[METADATA_KEY])
-    except (SafetensorError, OSError, ValueError, KeyError):
-        return None
-
-
-def write_shard(path: Path, data: bytes) -> str:
-    """Write atomically; returns the sha256 of the bytes."""
-    atomic_write_bytes(path, data)
-    return hashlib.sha256(data).hexdigest()

@@ -8,7 +8,6 @@ tokenizer or vocabulary differs from the teacher's.
 from __future__ import annotations
 
 import bisect
-import hashlib
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +15,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from logitflow.cache.format import CacheError, Manifest, Shard, decode_shard, read_manifest
+from logitflow.cache.format import Manifest, Shard, decode_shard, read_manifest
+from logitflow.cache.shards import CacheError, read_checked
 from logitflow.ops.sparse_kd import SparseTargets
 
 
@@ -53,7 +53,7 @@ class TeacherCache:
                 f"{self.directory}: teacher vocabulary has {self.manifest.vocab_size} ids, "
                 f"the student's has {expect_vocab_size}"
             )
-        self._first_sequence = np.cumsum([0] + [s.sequences for s in self.manifest.shards]).tolist()
+        self._first_sequence = np.cumsum([0] + [s.counts["sequences"] for s in self.manifest.shards]).tolist()
         self._open: OrderedDict[int, tuple[Shard, np.ndarray, np.ndarray]] = OrderedDict()
         self._max_open = max_open_shards
 
@@ -70,12 +70,7 @@ class TeacherCache:
             return self._open[index]
         entry = self.manifest.shards[index]
         path = self.directory / entry.file
-        try:
-            data = path.read_bytes()
-        except FileNotFoundError:
-            raise CacheError(f"{path}: shard listed in the manifest is missing") from None
-        if hashlib.sha256(data).hexdigest() != entry.sha256:
-            raise CacheError(f"{path}: checksum mismatch (corrupted or modified); rerun cache_teacher to rebuild it")
+        data = read_checked(self.directory, entry)
         shard = decode_shard(
             data,
             mode=self.manifest.mode,

@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,25 +18,20 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from logitflow.cache.format import (
     MANIFEST_FILE,
     SCHEMA_VERSION,
-    CacheError,
+    SHARD_COUNTS,
     Manifest,
     Mode,
     Shard,
-    ShardEntry,
     ShardTargets,
     encode_shard,
-    key_digest,
     read_manifest,
-    shard_metadata,
-    shard_name,
     write_manifest,
-    write_shard,
 )
+from logitflow.cache.shards import CacheError, ShardedPass, key_digest, run_sharded
 from logitflow.config import RskdSettings, TopkSettings
 from logitflow.ops.sparse_kd import rskd_sample, topk_targets
 
@@ -141,62 +135,35 @@ def compute_shard(
     return Shard(input_ids, lengths, shard_targets)
 
 
-def _reusable(path: Path, key_sha256: str) -> dict[str, Any] | None:
-    metadata = shard_metadata(path) if path.is_file() else None
-    if metadata and metadata.get("key_sha256") == key_sha256 and metadata.get("schema_version") == SCHEMA_VERSION:
-        return metadata
-    return None
-
-
 def run_cache_pass(
     model: torch.nn.Module, job: CacheJob, device: torch.device, autocast: Callable[[], Any]
 ) -> tuple[Manifest, dict[str, float]]:
     """Compute (or resume) every shard, then write the manifest. Returns it and pass statistics."""
-    directory = job.directory
-    directory.mkdir(parents=True, exist_ok=True)
     key_sha256 = key_digest(job.key)
-    for leftover in directory.glob(".*.tmp"):
-        leftover.unlink()
     try:
-        manifest = read_manifest(directory)
-        if manifest.key_sha256 == key_sha256 and all((directory / s.file).is_file() for s in manifest.shards):
-            log.info("cache_teacher: %s is complete and up to date", directory)
-            return manifest, {"computed_tokens": 0, "seconds": 0.0}
+        manifest = read_manifest(job.directory)
+        if manifest.key_sha256 == key_sha256 and all((job.directory / s.file).is_file() for s in manifest.shards):
+            log.info("cache_teacher: %s is complete and up to date", job.directory)
+            return manifest, {"computed_units": 0, "seconds": 0.0}
     except CacheError:
         pass
-    (directory / MANIFEST_FILE).unlink(missing_ok=True)
 
-    total_tokens = sum(map(len, job.sequences))
-    computed_tokens, started = 0, time.perf_counter()
-    entries: list[ShardEntry] = []
-    with tqdm(total=total_tokens, unit="tok", unit_scale=True, desc=f"cache_teacher@{job.mode}") as bar:
-        for index in range(job.num_shards):
-            path = directory / shard_name(index)
-            metadata = _reusable(path, key_sha256)
-            if metadata is None:
-                shard = compute_shard(model, job, index, device, autocast, on_tokens=bar.update)
-                data, counts = encode_shard(
-                    shard, mode=job.mode, key_sha256=key_sha256, n_samples=job.rskd.n_samples, vocab_size=job.vocab_size
-                )
-                try:
-                    sha256 = write_shard(path, data)
-                except OSError as err:
-                    raise CacheError(
-                        f"{path}: cannot write shard ({err.strerror or err}); the {index} shards before it are "
-                        "complete and kept; fix the cause and rerun to resume"
-                    ) from None
-                computed_tokens += counts["tokens"]
-                elapsed = time.perf_counter() - started
-                bar.set_postfix(shard=f"{index + 1}/{job.num_shards}", tok_s=f"{computed_tokens / elapsed:,.0f}")
-            else:
-                data = path.read_bytes()
-                sha256 = hashlib.sha256(data).hexdigest()
-                counts = {k: int(metadata[k]) for k in ("sequences", "tokens", "positions", "entries", "target_bytes")}
-                bar.update(counts["tokens"])
-            entries.append(ShardEntry(file=path.name, bytes=len(data), sha256=sha256, **counts))
-    for stale in directory.glob("shard-*.safetensors"):
-        if stale.name not in {e.file for e in entries}:
-            stale.unlink()
+    def compute(index: int, advance: Callable[[int], None]) -> tuple[dict[str, np.ndarray], dict[str, int]]:
+        shard = compute_shard(model, job, index, device, autocast, on_tokens=advance)
+        return encode_shard(shard, mode=job.mode, n_samples=job.rskd.n_samples, vocab_size=job.vocab_size)
+
+    sharded = ShardedPass(
+        directory=job.directory,
+        key_sha256=key_sha256,
+        schema_version=SCHEMA_VERSION,
+        num_shards=job.num_shards,
+        total_units=sum(map(len, job.sequences)),
+        unit="tok",
+        description=f"cache_teacher@{job.mode}",
+        compute=compute,
+    )
+    entries, stats = run_sharded(sharded, MANIFEST_FILE)
+    totals = {name: sum(entry.counts[name] for entry in entries) for name in SHARD_COUNTS}
     manifest = Manifest(
         schema_version=SCHEMA_VERSION,
         mode=job.mode,
@@ -204,13 +171,9 @@ def run_cache_pass(
         key_sha256=key_sha256,
         vocab_size=job.vocab_size,
         n_samples=job.rskd.n_samples if job.mode == "rskd" else 0,
-        sequences=len(job.sequences),
-        tokens=total_tokens,
-        positions=sum(e.positions for e in entries),
-        entries=sum(e.entries for e in entries),
-        bytes=sum(e.bytes for e in entries),
-        target_bytes=sum(e.target_bytes for e in entries),
+        bytes=sum(entry.bytes for entry in entries),
         shards=entries,
+        **totals,
     )
-    write_manifest(directory, manifest)
-    return manifest, {"computed_tokens": computed_tokens, "seconds": time.perf_counter() - started}
+    write_manifest(job.directory, manifest)
+    return manifest, stats

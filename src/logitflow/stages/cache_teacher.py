@@ -15,7 +15,8 @@ from typing import Any
 import torch
 
 from logitflow import tracking
-from logitflow.cache.format import CacheError, Mode
+from logitflow.cache.format import Mode
+from logitflow.cache.shards import CacheError
 from logitflow.cache.teacher_pass import CacheJob, run_cache_pass
 from logitflow.compute import apply_threads, autocast, inference_dtype, resolve_device
 from logitflow.config import Params
@@ -121,7 +122,7 @@ def run(params: Params, root: Path, variant: str | None = None) -> dict[str, Any
         "bytes_per_entry": round(manifest.bytes_per_entry, 4),
         "cache_bytes": manifest.bytes,
         "documents_split": truncation.truncated,
-        "tokens_per_second": round(stats["computed_tokens"] / stats["seconds"], 1) if stats["seconds"] else 0.0,
+        "tokens_per_second": round(stats["computed_units"] / stats["seconds"], 1) if stats["seconds"] else 0.0,
     }
     atomic_write_json(root / params.paths.reports / f"cache_teacher_{mode}.json", metrics)
     with tracking.start_run(params, root, stage="cache_teacher", run_name=f"cache_teacher@{mode}", tags={"mode": mode}):
