@@ -133,6 +133,7 @@ class PathsSection(Section):
     models: str = "models"
     reports: str = "reports"
     caches: str = "cache"
+    selections: str = "data/selections"
     mlflow: str = ".mlflow"
 
 
@@ -227,6 +228,35 @@ class CacheTeacherSection(Section):
     topk: TopkSettings = TopkSettings()
 
 
+class DpoSection(Section):
+    """DPO settings shared by the design (its linearised loss) and DPO training."""
+
+    beta: float = Field(default=0.1, gt=0.0, le=100.0)
+
+
+class ScorePrefsSection(Section):
+    """The `score_prefs` stage: one reference-policy pass over every pair of both splits."""
+
+    batch_pairs: int = Field(default=8, ge=1, le=4096)
+    pairs_per_shard: int = Field(default=256, ge=1)
+    # φ(x, y): the last layer's hidden state at the last token, or its mean over response tokens.
+    pooling: Literal["last", "mean"] = "last"
+
+
+SelectMethod = Literal["uniform", "apo", "adpo", "adpo_plus"]
+
+
+class SelectSection(Section):
+    """The `select` stage, a DVC matrix over `methods`; `primary` feeds DPO training."""
+
+    primary: SelectMethod = "adpo_plus"
+    budget: int = Field(default=256, ge=1)
+    gamma_rel: float = Field(default=1.0, gt=0.0)
+    alpha: float = Field(default=3.0, ge=0.0)  # the paper's optimism; 3 in all its experiments
+    l2: float = Field(default=1.0, gt=0.0)  # ridge of the θ̂ refits
+    seed: int = Field(default=0, ge=0)
+
+
 class Params(Section):
     compute: ComputeSection = ComputeSection()
     models: ModelsSection
@@ -235,6 +265,9 @@ class Params(Section):
     paths: PathsSection = PathsSection()
     prepare: PrepareSection = PrepareSection()
     cache_teacher: CacheTeacherSection = CacheTeacherSection()
+    dpo: DpoSection = DpoSection()
+    score_prefs: ScorePrefsSection = ScorePrefsSection()
+    select: SelectSection = SelectSection()
 
 
 # ---------------------------------------------------------------- loading

@@ -10,7 +10,8 @@ from typing import Any
 
 from logitflow.config import Params
 from logitflow.errors import LogitflowError
-from logitflow.stages import cache_teacher, models, prepare
+from logitflow.ops.active_dpo import METHODS as SELECT_METHODS
+from logitflow.stages import cache_teacher, models, prepare, score_prefs, select
 
 
 @dataclass(frozen=True)
@@ -29,4 +30,6 @@ STAGES: dict[str, Stage] = {
     "prepare": Stage(prepare.run),
     "models": Stage(models.run),
     "cache_teacher": Stage(cache_teacher.run, cache_teacher.MODES),
+    "score_prefs": Stage(score_prefs.run),
+    "select": Stage(select.run, tuple(SELECT_METHODS)),
 }
