@@ -92,3 +92,14 @@ def test_budget_larger_than_pool_is_refused(scored_project: Path) -> None:
     set_params(scored_project, **{"select.budget": 10_000})
     with pytest.raises(DataError, match=r"select.budget = 10000 is larger than the training pool \(36 pairs\)"):
         select.run(load_params(scored_project / "params.yaml"), scored_project, "adpo_plus")
+
+
+def test_duplicate_pairs_are_refused(scored_project: Path) -> None:
+    import datasets
+
+    params = load_params(scored_project / "params.yaml")
+    rows = read_split(params, scored_project, "prefs_train").to_list()
+    rows[5] = {**rows[2], "id": "copy-of-2"}
+    datasets.Dataset.from_list(rows).to_parquet(str(scored_project / "data/prepared/prefs_train.parquet"))
+    with pytest.raises(DataError, match=f"pairs '{rows[2]['id']}' and 'copy-of-2' are the same pair"):
+        select.run(params, scored_project, "apo")

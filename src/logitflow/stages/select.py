@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import logging
 import time
 from pathlib import Path
@@ -21,6 +22,7 @@ import torch
 
 from logitflow import tracking
 from logitflow.cache.ref_scores import load_scores
+from logitflow.compute import resolve_device
 from logitflow.config import Params
 from logitflow.errors import DataError, LogitflowError
 from logitflow.fsio import atomic_write_json, atomic_write_text
@@ -55,23 +57,34 @@ def fisher_logdet_curve(
     return design.logdets
 
 
+def _refuse_duplicates(pairs: Any) -> None:
+    seen: dict[str, str] = {}
+    for row in pairs:
+        content = json.dumps([row["prompt"], row["chosen"], row["rejected"]], sort_keys=True)
+        if content in seen:
+            raise DataError(
+                f"prefs_train: pairs '{seen[content]}' and '{row['id']}' are the same pair; deduplicate the data"
+            )
+        seen[content] = row["id"]
+
+
 def run(params: Params, root: Path, variant: str | None = None) -> dict[str, Any]:
     method = variant or params.select.primary
     if method not in METHODS:
         raise LogitflowError(f"select: unknown method '{method}' (methods: {', '.join(METHODS)})")
     section = params.select
-    expected = {key: value for key, value in scores_key(params, root).items() if key != "precision"}
-    scores = load_scores(scores_dir(params, root), "train", expect=expected)
     pairs = read_split(params, root, "prefs_train")
+    _refuse_duplicates(pairs)
     if section.budget > len(pairs):
         raise DataError(f"select.budget = {section.budget} is larger than the training pool ({len(pairs)} pairs)")
-    if len(set(pairs["id"])) != len(pairs):
-        raise DataError("prefs_train has duplicate pair ids; rerun prepare")
+    expected = {key: value for key, value in scores_key(params, root).items() if key != "precision"}
+    scores = load_scores(scores_dir(params, root), "train", expect=expected)
 
-    raw = (scores.chosen_features - scores.rejected_features).to(torch.float64)
+    device = resolve_device(params.compute)
+    raw = (scores.chosen_features - scores.rejected_features).to(device=device, dtype=torch.float64)
     features, scale = scale_features(raw)
-    offsets = (scores.chosen_logp - scores.rejected_logp).to(torch.float64)
-    labels = torch.ones(len(pairs), dtype=torch.float64)  # logged data: the chosen response is preferred
+    offsets = (scores.chosen_logp - scores.rejected_logp).to(device=device, dtype=torch.float64)
+    labels = torch.ones(len(pairs), dtype=torch.float64, device=device)  # logged data: the chosen response is preferred
     settings = SelectionSettings(
         beta=params.dpo.beta, gamma_rel=section.gamma_rel, alpha=section.alpha, l2=section.l2, seed=section.seed
     )
