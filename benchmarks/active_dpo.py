@@ -123,7 +123,7 @@ def loglinear(args: argparse.Namespace) -> dict:
             "l2": args.l2,
             "alpha": 3.0,
             "gamma_rel": 1.0,
-        },  # fmt: skip
+        },
         "budgets": budgets,
         "mean_over_seeds": summary,
         "uniform_best_max_logit_error": uniform_best,
