@@ -86,8 +86,10 @@ def loglinear(args: argparse.Namespace) -> dict:
         theta_star = torch.randn(features.shape[1], generator=generator, dtype=torch.float64)
         theta_star *= 2.0 / float((features @ theta_star).std())  # logits spread with std 2
         offsets = 0.5 * torch.randn(len(features), generator=generator, dtype=torch.float64)
-        labels = (torch.rand(len(features), generator=generator, dtype=torch.float64)
-                  < torch.sigmoid(beta * (features @ theta_star - offsets))).double()  # fmt: skip
+        labels = (
+            torch.rand(len(features), generator=generator, dtype=torch.float64)
+            < torch.sigmoid(beta * (features @ theta_star - offsets))
+        ).double()
         settings = SelectionSettings(beta=beta, gamma_rel=1.0, alpha=3.0, l2=args.l2, seed=seed)
         for method in METHODS:
             order = select(method, features, offsets, labels, budgets[-1], settings).indices

@@ -88,10 +88,18 @@ def storage(model, job, device, ac) -> dict:
         }
     for k_top in (12, 50):
         per_token = k_top * (2 + 2) + 2  # uint16 ids + fp16 probs + fp16 tail mass
-        results[f"topk_k{k_top}"] = {"unique_per_position": k_top, "bytes_per_token": per_token,
-                                     "bytes_per_entry": per_token / k_top, "lossless": False}  # fmt: skip
-    results["full_fp16"] = {"unique_per_position": job.vocab_size, "bytes_per_token": 2 * job.vocab_size,
-                            "bytes_per_entry": 2.0, "lossless": False}  # fmt: skip
+        results[f"topk_k{k_top}"] = {
+            "unique_per_position": k_top,
+            "bytes_per_token": per_token,
+            "bytes_per_entry": per_token / k_top,
+            "lossless": False,
+        }
+    results["full_fp16"] = {
+        "unique_per_position": job.vocab_size,
+        "bytes_per_token": 2 * job.vocab_size,
+        "bytes_per_entry": 2.0,
+        "lossless": False,
+    }
     return results
 
 
@@ -141,8 +149,15 @@ def reader_vs_student(model, job, device, ac, params) -> dict:
         tokens = reader.manifest.tokens
         batch = reader.batch(indices[:8], pad_id=job.pad_id)
 
-    config = LlamaConfig(vocab_size=job.vocab_size, hidden_size=512, intermediate_size=1536, num_hidden_layers=6,
-                         num_attention_heads=8, num_key_value_heads=8, tie_word_embeddings=True)  # fmt: skip
+    config = LlamaConfig(
+        vocab_size=job.vocab_size,
+        hidden_size=512,
+        intermediate_size=1536,
+        num_hidden_layers=6,
+        num_attention_heads=8,
+        num_key_value_heads=8,
+        tie_word_embeddings=True,
+    )
     student = LlamaForCausalLM(config).to(device)
     optimizer = torch.optim.AdamW(student.parameters(), lr=1e-4)
     ids, mask = batch.input_ids.to(device), batch.attention_mask.to(device)
@@ -158,8 +173,12 @@ def reader_vs_student(model, job, device, ac, params) -> dict:
     step_s = median_seconds(step, 3)
     student_tok_s = int(mask.sum()) / step_s
     reader_tok_s = tokens / reader_s
-    return {"reader_tok_s": reader_tok_s, "student_parameters": sum(p.numel() for p in student.parameters()),
-            "student_train_tok_s": student_tok_s, "ratio_reader_to_student": reader_tok_s / student_tok_s}  # fmt: skip
+    return {
+        "reader_tok_s": reader_tok_s,
+        "student_parameters": sum(p.numel() for p in student.parameters()),
+        "student_train_tok_s": student_tok_s,
+        "ratio_reader_to_student": reader_tok_s / student_tok_s,
+    }
 
 
 def main() -> None:

@@ -42,8 +42,10 @@ def _direct(model, tokenizer, row, response: str, max_length: int, pooling: str)
 
 @pytest.mark.parametrize("pooling", ["last", "mean"])
 def test_scores_equal_a_direct_recomputation(prepared_project: Path, pooling: str) -> None:
-    set_params(prepared_project, **{"score_prefs.pairs_per_shard": 8, "score_prefs.batch_pairs": 3,
-                                    "score_prefs.pooling": pooling})  # fmt: skip
+    set_params(
+        prepared_project,
+        **{"score_prefs.pairs_per_shard": 8, "score_prefs.batch_pairs": 3, "score_prefs.pooling": pooling},
+    )
     params = load_params(prepared_project / "params.yaml")
     score_prefs.run(params, prepared_project)
     policy = load_materialized(prepared_project / "models/policy")

@@ -16,9 +16,15 @@ def _true_answer(question: str) -> str:
         a, op, b = int(m[1]), m[2], int(m[3])
         return str({"+": a + b, "-": a - b, "×": a * b}[op])
     if m := re.fullmatch(r"How many (\w+) are in (\d+) (\w+)\?", question):
-        factor = {("meters", "kilometers"): 1000, ("grams", "kilograms"): 1000, ("minutes", "hours"): 60,
-                  ("seconds", "minutes"): 60, ("centimeters", "meters"): 100, ("milliliters", "liters"): 1000,
-                  ("hours", "days"): 24}[(m[1], m[3])]  # fmt: skip
+        factor = {
+            ("meters", "kilometers"): 1000,
+            ("grams", "kilograms"): 1000,
+            ("minutes", "hours"): 60,
+            ("seconds", "minutes"): 60,
+            ("centimeters", "meters"): 100,
+            ("milliliters", "liters"): 1000,
+            ("hours", "days"): 24,
+        }[(m[1], m[3])]
         return str(int(m[2]) * factor)
     if m := re.fullmatch(r"Reverse the word '(\w+)'\.", question):
         return m[1][::-1]

@@ -70,8 +70,9 @@ def _check(n: int, k: int) -> None:
         raise ValueError(f"budget k = {k} is larger than the pool ({n} pairs)")
 
 
-def select_uniform(features: torch.Tensor, offsets: torch.Tensor, labels: torch.Tensor | None, k: int,
-                   settings: SelectionSettings) -> Selection:  # fmt: skip
+def select_uniform(
+    features: torch.Tensor, offsets: torch.Tensor, labels: torch.Tensor | None, k: int, settings: SelectionSettings
+) -> Selection:
     _check(features.shape[0], k)
     generator = torch.Generator().manual_seed(settings.seed)
     indices = torch.randperm(features.shape[0], generator=generator)[:k]
@@ -87,8 +88,9 @@ def _run_design(features: torch.Tensor, k: int, gamma: float, weight_fn: WeightF
     return Selection(result.indices, result.gains, result.logdet)
 
 
-def select_apo(features: torch.Tensor, offsets: torch.Tensor, labels: torch.Tensor | None, k: int,
-               settings: SelectionSettings) -> Selection:  # fmt: skip
+def select_apo(
+    features: torch.Tensor, offsets: torch.Tensor, labels: torch.Tensor | None, k: int, settings: SelectionSettings
+) -> Selection:
     _check(features.shape[0], k)
     weights = torch.full((features.shape[0],), settings.beta**2 / 4, dtype=torch.float64)
     gamma = relative_gamma(features, weights, settings.gamma_rel)
@@ -100,8 +102,9 @@ def _fisher_weights(logits: torch.Tensor, beta: float) -> torch.Tensor:
     return beta**2 * mu * (1 - mu)
 
 
-def select_adpo_plus(features: torch.Tensor, offsets: torch.Tensor, labels: torch.Tensor | None, k: int,
-                     settings: SelectionSettings) -> Selection:  # fmt: skip
+def select_adpo_plus(
+    features: torch.Tensor, offsets: torch.Tensor, labels: torch.Tensor | None, k: int, settings: SelectionSettings
+) -> Selection:
     _check(features.shape[0], k)
     if labels is None:
         raise ValueError("adpo_plus fits θ̂ on all logged labels, but the pool has no labels")
@@ -153,16 +156,20 @@ class ActiveSelector:
     def _refit(self) -> None:
         chosen = torch.tensor(self.labelled)
         self.theta = fit_theta(
-            self.features[chosen], self.offsets[chosen], torch.tensor(self.labels, dtype=torch.float64),
-            beta=self.settings.beta, l2=self.settings.l2,
-        )  # fmt: skip
+            self.features[chosen],
+            self.offsets[chosen],
+            torch.tensor(self.labels, dtype=torch.float64),
+            beta=self.settings.beta,
+            l2=self.settings.l2,
+        )
         logits = dpo_logits(self.features, self.offsets, self.theta, self.settings.beta)
         self.design.reweight(optimistic_weights(logits, self.settings.beta, self.settings.alpha))
         self.refits.append(len(self.labelled))
 
 
-def select_adpo(features: torch.Tensor, offsets: torch.Tensor, labels: torch.Tensor | None, k: int,
-                settings: SelectionSettings) -> Selection:  # fmt: skip
+def select_adpo(
+    features: torch.Tensor, offsets: torch.Tensor, labels: torch.Tensor | None, k: int, settings: SelectionSettings
+) -> Selection:
     """ADPO on logged data: the ActiveSelector, with the logged labels answering its questions."""
     _check(features.shape[0], k)
     if labels is None:
@@ -184,8 +191,14 @@ METHODS: dict[str, Method] = {
 }
 
 
-def select(method: str, features: torch.Tensor, offsets: torch.Tensor, labels: torch.Tensor | None, k: int,
-           settings: SelectionSettings) -> Selection:  # fmt: skip
+def select(
+    method: str,
+    features: torch.Tensor,
+    offsets: torch.Tensor,
+    labels: torch.Tensor | None,
+    k: int,
+    settings: SelectionSettings,
+) -> Selection:
     """Run a method on features already scaled to ‖φ‖ ≤ 1 (see `scale_features`)."""
     if method not in METHODS:
         raise ValueError(f"unknown selection method '{method}' (methods: {', '.join(METHODS)})")

@@ -130,6 +130,10 @@ def run(params: Params, root: Path, variant: str | None = None) -> dict[str, Any
         tracking.log_dict(manifest.model_dump(mode="json"), "cache_manifest.json")
     log.info(
         "cache_teacher@%s: %d positions, %.1f unique ids/position, %.2f B/entry, %.1f B/token",
-        mode, manifest.positions, manifest.unique_per_position, manifest.bytes_per_entry, manifest.bytes_per_token,
-    )  # fmt: skip
+        mode,
+        manifest.positions,
+        manifest.unique_per_position,
+        manifest.bytes_per_entry,
+        manifest.bytes_per_token,
+    )
     return metrics
