@@ -43,6 +43,8 @@ def tiny_params(root: Path) -> dict:
     params["cache_teacher"].update(batch_size=4, sequences_per_shard=32, sampling_chunk=16)
     params["cache_teacher"]["rskd"]["n_samples"] = 16
     params["cache_teacher"]["topk"]["k"] = 5
+    params["score_prefs"].update(batch_pairs=4, pairs_per_shard=16)
+    params["select"]["budget"] = 8
     return params
 
 

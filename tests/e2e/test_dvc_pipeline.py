@@ -6,6 +6,8 @@ import json
 import subprocess
 from pathlib import Path
 
+from tests.conftest import set_params
+
 REPO = Path(__file__).resolve().parents[2]
 DVC = str(REPO / ".venv/bin/dvc")
 
@@ -29,10 +31,14 @@ def test_dvc_repro_runs_stages_then_reruns_only_what_params_change(dvc_project: 
     cached = (dvc_project / "models/teacher/model.safetensors").stat()
     assert cached.st_nlink >= 2 or (dvc_project / "models/teacher/model.safetensors").is_symlink()
 
-    # A changed param reruns only the stage that reads it.
-    params = (dvc_project / "params.yaml").read_text().replace("heldout_fraction: 0.1", "heldout_fraction: 0.25")
-    (dvc_project / "params.yaml").write_text(params)
+    assert shown["reports/select/adpo_plus.json"]["data"]["budget"] == 8
+    assert shown["reports/cache_teacher_rskd.json"]["data"]["bytes_per_entry"] < 2.0
+    plots = _dvc(dvc_project, "plots", "show", "--json")
+    assert "logdet_vs_budget" in plots
+
+    # A changed param reruns only the stages that read it.
+    set_params(dvc_project, **{"select.seed": 7})
     out = _dvc(dvc_project, "repro")
-    assert "Running stage 'prepare'" in out and "Running stage 'models'" not in out
-    shown = json.loads(_dvc(dvc_project, "metrics", "show", "--json"))
-    assert next(iter(shown.values()))["data"]["reports/prepare.json"]["data"]["rows_prefs_heldout"] == 10
+    assert "Running stage 'select@uniform'" in out
+    for untouched in ("prepare", "models", "cache_teacher@rskd", "score_prefs"):
+        assert f"Running stage '{untouched}'" not in out
