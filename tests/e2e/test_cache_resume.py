@@ -11,6 +11,8 @@ import subprocess
 import time
 from pathlib import Path
 
+import pytest
+
 from logitflow.cache.format import MANIFEST_FILE
 from tests.conftest import set_params
 
@@ -30,6 +32,7 @@ def _files(directory: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(directory.iterdir())}
 
 
+@pytest.mark.slow
 def test_sigkill_then_resume_is_byte_identical(prepared_project: Path) -> None:
     set_params(prepared_project, **{"cache_teacher.sequences_per_shard": 8, "cache_teacher.batch_size": 2})
     cache = prepared_project / "cache/teacher_rskd"

@@ -6,6 +6,8 @@ import json
 import subprocess
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import set_params
 
 REPO = Path(__file__).resolve().parents[2]
@@ -18,6 +20,7 @@ def _dvc(root: Path, *args: str) -> str:
     return result.stdout
 
 
+@pytest.mark.slow
 def test_dvc_repro_runs_stages_then_reruns_only_what_params_change(dvc_project: Path) -> None:
     _dvc(dvc_project, "repro")
     assert (dvc_project / "data/prepared/prefs_train.parquet").is_file()
