@@ -105,3 +105,16 @@ def test_duplicate_pairs_are_refused(scored_project: Path) -> None:
     datasets.Dataset.from_list(rows).to_parquet(str(scored_project / "data/prepared/prefs_train.parquet"))
     with pytest.raises(DataError, match=f"pairs '{rows[2]['id']}' and 'copy-of-2' are the same pair"):
         select.run(params, scored_project, "apo")
+
+
+def test_score_pass_resumes_from_complete_shards(scored_project: Path) -> None:
+    directory = scored_project / "cache/ref_scores"
+    manifest_before = (directory / "manifest.json").read_bytes()
+    shards = sorted(directory.glob("shard-*.safetensors"))
+    assert len(shards) >= 3
+    kept = {p.name: p.stat().st_mtime_ns for p in shards[:-1]}
+    (directory / "manifest.json").unlink()  # as if killed before the end
+    shards[-1].unlink()
+    score_prefs.run(load_params(scored_project / "params.yaml"), scored_project)
+    assert {p.name: p.stat().st_mtime_ns for p in shards[:-1]} == kept, "complete shards were reused"
+    assert (directory / "manifest.json").read_bytes() == manifest_before
