@@ -22,7 +22,7 @@ from safetensors import SafetensorError
 from safetensors.numpy import load as load_safetensors
 
 from logitflow.cache.codec import EncodedSets, decode_sets, encode_sets
-from logitflow.cache.shards import CacheError, ShardEntry
+from logitflow.cache.shards import CacheError, ShardEntry, read_manifest_file
 from logitflow.fsio import atomic_write_json
 
 SCHEMA_VERSION = 3
@@ -68,17 +68,10 @@ def write_manifest(directory: Path, manifest: Manifest) -> None:
 
 
 def read_manifest(directory: Path) -> Manifest:
-    path = directory / MANIFEST_FILE
-    if not path.is_file():
-        if directory.is_dir() and any(directory.glob("shard-*.safetensors")):
-            raise CacheError(
-                f"{directory}: incomplete cache (shards but no manifest); rerun cache_teacher to finish it"
-            )
-        raise CacheError(f"{directory}: no teacher cache here; run `logitflow stage cache_teacher`")
-    try:
-        return Manifest.model_validate_json(path.read_text())
-    except ValueError as err:
-        raise CacheError(f"{path}: unreadable manifest: {str(err).splitlines()[0]}") from None
+    if not (directory / MANIFEST_FILE).is_file() and any(directory.glob("shard-*.safetensors")):
+        raise CacheError(f"{directory}: incomplete cache (shards but no manifest); rerun cache_teacher to finish it")
+    missing = f"{directory}: no teacher cache here; run `logitflow stage cache_teacher`"
+    return read_manifest_file(directory / MANIFEST_FILE, Manifest, missing)
 
 
 # ---------------------------------------------------------------- shard contents

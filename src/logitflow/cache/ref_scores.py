@@ -20,7 +20,15 @@ import torch
 from pydantic import BaseModel, ConfigDict
 from safetensors.numpy import load as load_safetensors
 
-from logitflow.cache.shards import CacheError, ShardedPass, ShardEntry, key_digest, read_checked, run_sharded
+from logitflow.cache.shards import (
+    CacheError,
+    ShardedPass,
+    ShardEntry,
+    key_digest,
+    read_checked,
+    read_manifest_file,
+    run_sharded,
+)
 from logitflow.data.tokenize import TokenizedPair
 from logitflow.fsio import atomic_write_json
 
@@ -157,13 +165,8 @@ def run_score_pass(
 
 
 def read_scores_manifest(directory: Path) -> ScoresManifest:
-    path = directory / MANIFEST_FILE
-    if not path.is_file():
-        raise CacheError(f"{directory}: no complete reference scores here; run `logitflow stage score_prefs`")
-    try:
-        return ScoresManifest.model_validate_json(path.read_text())
-    except ValueError as err:
-        raise CacheError(f"{path}: unreadable manifest: {str(err).splitlines()[0]}") from None
+    missing = f"{directory}: no complete reference scores here; run `logitflow stage score_prefs`"
+    return read_manifest_file(directory / MANIFEST_FILE, ScoresManifest, missing)
 
 
 @dataclass(frozen=True)

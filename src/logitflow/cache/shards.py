@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict
@@ -26,6 +26,7 @@ from logitflow.errors import LogitflowError
 from logitflow.fsio import atomic_write_bytes
 
 METADATA_KEY = "logitflow"
+ManifestT = TypeVar("ManifestT", bound=BaseModel)
 
 
 class CacheError(LogitflowError):
@@ -119,6 +120,16 @@ def run_sharded(job: ShardedPass, manifest_file: str) -> tuple[list[ShardEntry],
         if stale.name not in {entry.file for entry in entries}:
             stale.unlink()
     return entries, {"computed_units": computed, "seconds": time.perf_counter() - started}
+
+
+def read_manifest_file(path: Path, model: type[ManifestT], missing: str) -> ManifestT:
+    """A manifest (pydantic model) from JSON; `missing` is the error when there is none."""
+    if not path.is_file():
+        raise CacheError(missing)
+    try:
+        return model.model_validate_json(path.read_text())
+    except ValueError as err:
+        raise CacheError(f"{path}: unreadable manifest: {str(err).splitlines()[0]}") from None
 
 
 def read_checked(directory: Path, entry: ShardEntry) -> bytes:

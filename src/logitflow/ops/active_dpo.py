@@ -26,6 +26,7 @@ import torch
 from logitflow.ops.design import (
     DOptimalDesign,
     WeightFn,
+    check_budget,
     constant_weights,
     dpo_logits,
     fit_theta,
@@ -63,17 +64,10 @@ def relative_gamma(features: torch.Tensor, weights: torch.Tensor, gamma_rel: flo
     return gamma_rel * float((weights.to(torch.float64) * features.to(torch.float64).pow(2).sum(-1)).mean())
 
 
-def _check(n: int, k: int) -> None:
-    if k <= 0:
-        raise ValueError(f"budget k must be >= 1, got {k}")
-    if k > n:
-        raise ValueError(f"budget k = {k} is larger than the pool ({n} pairs)")
-
-
 def select_uniform(
     features: torch.Tensor, offsets: torch.Tensor, labels: torch.Tensor | None, k: int, settings: SelectionSettings
 ) -> Selection:
-    _check(features.shape[0], k)
+    check_budget(features.shape[0], k)
     generator = torch.Generator().manual_seed(settings.seed)
     indices = torch.randperm(features.shape[0], generator=generator)[:k]
     nan = torch.full((k,), float("nan"), dtype=torch.float64)
@@ -91,7 +85,7 @@ def _run_design(features: torch.Tensor, k: int, gamma: float, weight_fn: WeightF
 def select_apo(
     features: torch.Tensor, offsets: torch.Tensor, labels: torch.Tensor | None, k: int, settings: SelectionSettings
 ) -> Selection:
-    _check(features.shape[0], k)
+    check_budget(features.shape[0], k)
     weights = torch.full((features.shape[0],), settings.beta**2 / 4, dtype=torch.float64)
     gamma = relative_gamma(features, weights, settings.gamma_rel)
     return _run_design(features, k, gamma, constant_weights(weights, features.shape[0]))
@@ -105,7 +99,7 @@ def _fisher_weights(logits: torch.Tensor, beta: float) -> torch.Tensor:
 def select_adpo_plus(
     features: torch.Tensor, offsets: torch.Tensor, labels: torch.Tensor | None, k: int, settings: SelectionSettings
 ) -> Selection:
-    _check(features.shape[0], k)
+    check_budget(features.shape[0], k)
     if labels is None:
         raise ValueError("adpo_plus fits θ̂ on all logged labels, but the pool has no labels")
     theta = fit_theta(features, offsets, labels, beta=settings.beta, l2=settings.l2)
@@ -171,7 +165,7 @@ def select_adpo(
     features: torch.Tensor, offsets: torch.Tensor, labels: torch.Tensor | None, k: int, settings: SelectionSettings
 ) -> Selection:
     """ADPO on logged data: the ActiveSelector, with the logged labels answering its questions."""
-    _check(features.shape[0], k)
+    check_budget(features.shape[0], k)
     if labels is None:
         raise ValueError("adpo needs the labels of the pairs it chooses, but the pool has no labels")
     selector = ActiveSelector(features, offsets, settings)

@@ -173,7 +173,7 @@ class DOptimalDesign:
         )
 
 
-def _check_budget(n: int, k: int) -> None:
+def check_budget(n: int, k: int) -> None:
     if k <= 0:
         raise ValueError(f"k must be >= 1, got {k}")
     if k > n:
@@ -183,7 +183,7 @@ def _check_budget(n: int, k: int) -> None:
 def greedy_design(
     features: torch.Tensor, k: int, *, weight_fn: WeightFn | None = None, gamma: float = 1.0
 ) -> DesignResult:
-    _check_budget(features.shape[0], k)
+    check_budget(features.shape[0], k)
     design = DOptimalDesign(features, gamma, weight_fn or constant_weights(None, features.shape[0]))
     for _ in range(k):
         design.step()
