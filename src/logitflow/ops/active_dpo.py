@@ -7,7 +7,7 @@
   the weights of the remaining pool are recomputed; earlier picks keep the weight they had.
 - `adpo_plus`: offline ADPO+ (Alg. 2): θ̂ fit once on all logged labels, weights β²μ(1 − μ).
 
-ADPO and ADPO+ use the paper's optimism: μ is evaluated at z = max(|ℓ| − α·sqrt(φᵀΣ̂φ), 0) with
+ADPO and ADPO+ use the paper's optimism: μ is evaluated at z = max(|ℓ| − α·β·sqrt(φᵀΣ̂φ), 0) with
 Σ̂ = the current H⁻¹ (α = 3 in all of the paper's experiments).
 
 Conventions: φ_i = φ(x, y_i1) − φ(x, y_i2) scaled globally so max‖φ‖ = 1 (as the theory assumes);

@@ -32,14 +32,17 @@ def constant_weights(weights: torch.Tensor | None, n: int) -> WeightFn:
 
 
 def optimistic_weights(logits: torch.Tensor, beta: float, alpha: float) -> WeightFn:
-    """ADPO's stabilised weights: w = β² μ(z)(1 − μ(z)), z = max(|ℓ| − α·sqrt(φᵀΣ̂φ), 0), with
+    """ADPO's stabilised weights: w = β² μ(z)(1 − μ(z)), z = max(|ℓ| − α·β·sqrt(φᵀΣ̂φ), 0), with
     ℓ_i = β(φ_iᵀθ̂ − b_i) and Σ̂ = the current H⁻¹ (so φᵀΣ̂φ is the `quad` the design computes).
-    Optimism shrinks confident logits toward 0 while little is known; as H grows, z grows and the
-    weight shrinks, so lazy bounds stay valid."""
+
+    Σ̂ is the covariance of θ̂, so the standard deviation of the logit ℓ is β·sqrt(φᵀΣ̂φ): the paper
+    writes α·sqrt(φᵀΣ̂φ) and runs β = 1, where the two agree; with DPO's usual β = 0.1 the unscaled
+    form would zero every z and turn ADPO into APO. Optimism shrinks confident logits toward 0 while
+    little is known; as H grows, z grows and the weight shrinks, so lazy bounds stay valid."""
     magnitude = logits.abs().to(torch.float64)
 
     def weight(indices: torch.Tensor, quad: torch.Tensor) -> torch.Tensor:
-        z = (magnitude[indices.cpu()].to(quad.device) - alpha * quad.clamp_min(0).sqrt()).clamp_min(0)
+        z = (magnitude[indices.cpu()].to(quad.device) - alpha * beta * quad.clamp_min(0).sqrt()).clamp_min(0)
         mu = torch.sigmoid(z)
         return beta**2 * mu * (1 - mu)
 
