@@ -228,6 +228,8 @@ def materialize(spec: ModelSpec, out_dir: str | os.PathLike[str]) -> dict[str, s
 
 def read_model_card(directory: str | os.PathLike[str]) -> dict[str, str | int]:
     path = Path(directory) / MODEL_CARD_FILE
+    if not Path(directory).is_dir():
+        raise ModelError(f"{directory}: no materialised model; run `logitflow stage models` first")
     try:
         return json.loads(path.read_text())
     except FileNotFoundError:

@@ -20,9 +20,10 @@ class Stage:
     variants: tuple[str, ...] = ()
 
     def __call__(self, params: Params, root: Path, variant: str | None = None) -> dict[str, Any]:
+        if variant is not None and not self.variants:
+            raise LogitflowError(f"this stage takes no variant, got '{variant}'")
         if variant is not None and variant not in self.variants:
-            allowed = ", ".join(self.variants) or "none"
-            raise LogitflowError(f"unknown variant '{variant}' (variants: {allowed})")
+            raise LogitflowError(f"unknown variant '{variant}' (variants: {', '.join(self.variants)})")
         return self.run(params, root, variant) if self.variants else self.run(params, root)
 
 
