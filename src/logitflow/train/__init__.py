@@ -1,0 +1,1 @@
+"""Training loops: DPO (and distillation, to come) sharing precision, schedule and checkpoints."""
