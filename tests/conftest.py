@@ -45,6 +45,7 @@ def tiny_params(root: Path) -> dict:
     params["cache_teacher"]["topk"]["k"] = 5
     params["score_prefs"].update(batch_pairs=4, pairs_per_shard=16)
     params["select"]["budget"] = 8
+    params["train_dpo"] = {"lr": 1e-3, "batch_size": 4, "epochs": 1, "checkpoint_every": 1}
     return params
 
 

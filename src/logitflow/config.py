@@ -134,6 +134,7 @@ class PathsSection(Section):
     reports: str = "reports"
     caches: str = "cache"
     selections: str = "data/selections"
+    checkpoints: str = "checkpoints"
     mlflow: str = ".mlflow"
 
 
@@ -257,6 +258,31 @@ class SelectSection(Section):
     seed: int = Field(default=0, ge=0)
 
 
+class TrainDpoSection(Section):
+    """The `train_dpo` stage, a DVC matrix over selection methods; the `select.primary` run registers
+    its model as `logitflow-policy@challenger`."""
+
+    loss_type: Literal["sigmoid", "robust", "ipo", "hinge"] = "sigmoid"
+    label_smoothing: float = Field(default=0.0, ge=0.0, lt=0.5)
+    lr: float = Field(default=1e-5, gt=0.0, le=1.0)
+    weight_decay: float = Field(default=0.0, ge=0.0)
+    batch_size: int = Field(default=8, ge=1)
+    grad_accum: int = Field(default=1, ge=1)
+    epochs: int = Field(default=1, ge=1)
+    warmup_ratio: float = Field(default=0.1, ge=0.0, lt=1.0)
+    schedule: Literal["cosine", "linear", "constant", "constant_with_warmup"] = "cosine"
+    max_grad_norm: float = Field(default=1.0, gt=0.0)
+    eval_every: int = Field(default=0, ge=0)  # steps; 0: at the end only
+    checkpoint_every: int = Field(default=10, ge=0)
+    seed: int = Field(default=0, ge=0)
+
+    @model_validator(mode="after")
+    def _smoothing_fits_loss(self) -> TrainDpoSection:
+        if self.label_smoothing and self.loss_type not in ("sigmoid", "robust"):
+            raise ValueError(f"label_smoothing applies to sigmoid and robust losses, not to '{self.loss_type}'")
+        return self
+
+
 class Params(Section):
     compute: ComputeSection = ComputeSection()
     models: ModelsSection
@@ -268,6 +294,7 @@ class Params(Section):
     dpo: DpoSection = DpoSection()
     score_prefs: ScorePrefsSection = ScorePrefsSection()
     select: SelectSection = SelectSection()
+    train_dpo: TrainDpoSection = TrainDpoSection()
 
 
 # ---------------------------------------------------------------- loading

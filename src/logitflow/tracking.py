@@ -165,3 +165,8 @@ def log_transformers_model(
         pip_requirements=_pip_requirements(),
         registered_model_name=registered_model_name,
     )
+
+
+def set_alias(name: str, version: str | int, alias: str) -> None:
+    """Point `models:/<name>@<alias>` at a registered version."""
+    mlflow.MlflowClient().set_registered_model_alias(name, alias, str(version))

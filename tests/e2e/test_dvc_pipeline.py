@@ -36,6 +36,7 @@ def test_dvc_repro_runs_stages_then_reruns_only_what_params_change(dvc_project: 
 
     assert shown["reports/select/adpo_plus.json"]["data"]["budget"] == 8
     assert shown["reports/cache_teacher_rskd.json"]["data"]["bytes_per_entry"] < 2.0
+    assert 0.0 <= shown["reports/train_dpo/adpo_plus.json"]["data"]["heldout_accuracy"] <= 1.0
     plots = _dvc(dvc_project, "plots", "show", "--json")
     assert "logdet_vs_budget" in plots
 

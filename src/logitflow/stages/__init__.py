@@ -11,7 +11,7 @@ from typing import Any
 from logitflow.config import Params
 from logitflow.errors import LogitflowError
 from logitflow.ops.active_dpo import METHODS as SELECT_METHODS
-from logitflow.stages import cache_teacher, models, prepare, score_prefs, select
+from logitflow.stages import cache_teacher, models, prepare, score_prefs, select, train_dpo
 
 
 @dataclass(frozen=True)
@@ -33,4 +33,5 @@ STAGES: dict[str, Stage] = {
     "cache_teacher": Stage(cache_teacher.run, cache_teacher.MODES),
     "score_prefs": Stage(score_prefs.run),
     "select": Stage(select.run, tuple(SELECT_METHODS)),
+    "train_dpo": Stage(train_dpo.run, tuple(SELECT_METHODS)),
 }

@@ -1,0 +1,161 @@
+"""train_dpo: DPO on the pairs a selection method chose (a DVC matrix over methods).
+
+Reference log-probs come from score_prefs (refused if made by another model/tokenizer/data/
+max_length). Output: `paths.models`/dpo_<method>/ (a plain transformers directory),
+reports/train_dpo/<method>.json (metrics) and .csv (curves). Every run is an MLflow run with the
+trained model logged; only the run of `select.primary` registers `logitflow-policy` @challenger.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import logging
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from logitflow import tracking
+from logitflow.cache.ref_scores import load_scores
+from logitflow.compute import apply_threads, autocast, resolve_device, seed_everything
+from logitflow.config import Params
+from logitflow.data.tokenize import TruncationCounter, tokenize_pair
+from logitflow.errors import DataError, LogitflowError
+from logitflow.fsio import atomic_directory, atomic_write_json, atomic_write_text
+from logitflow.models import load_materialized, read_model_card
+from logitflow.ops.active_dpo import METHODS
+from logitflow.stages.models import model_dir
+from logitflow.stages.prepare import read_split
+from logitflow.stages.score_prefs import scores_dir, scores_key
+from logitflow.stages.select import selection_path
+from logitflow.train.dpo import DpoData, DpoSettings, train_dpo
+
+log = logging.getLogger(__name__)
+REGISTERED_POLICY = "logitflow-policy"
+CURVE_COLUMNS = ("step", "loss", "rewards/margins", "rewards/accuracies", "logps/chosen")
+
+
+def policy_dir(params: Params, root: Path, method: str) -> Path:
+    return root / params.paths.models / f"dpo_{method}"
+
+
+def _dpo_data(
+    rows: Any, indices: list[int], scores: Any, tokenizer: Any, max_length: int, counter: TruncationCounter
+) -> DpoData:
+    pairs = [
+        (
+            tokenize_pair(tokenizer, rows[i]["prompt"], rows[i]["chosen"], max_length, counter),
+            tokenize_pair(tokenizer, rows[i]["prompt"], rows[i]["rejected"], max_length, counter),
+        )
+        for i in indices
+    ]
+    index = torch.tensor(indices, dtype=torch.long)
+    return DpoData(pairs, scores.chosen_logp[index].double(), scores.rejected_logp[index].double())
+
+
+def run(params: Params, root: Path, variant: str | None = None) -> dict[str, Any]:
+    method = variant or params.select.primary
+    if method not in METHODS:
+        raise LogitflowError(f"train_dpo: unknown selection method '{method}' (methods: {', '.join(METHODS)})")
+    section = params.train_dpo
+    selection_file = selection_path(params, root, method)
+    if not selection_file.is_file():
+        raise DataError(f"{selection_file}: missing; run `logitflow stage select {method}` first")
+    selection = json.loads(selection_file.read_text())
+    if not selection["picks"]:
+        raise DataError(f"{selection_file}: the selection is empty")
+    key = {k: v for k, v in scores_key(params, root).items() if k != "precision"}
+    if selection["scores_key"] != key:
+        raise DataError(f"{selection_file}: made from other reference scores than the current ones; rerun select")
+    train_scores = load_scores(scores_dir(params, root), "train", expect=key)
+    heldout_scores = load_scores(scores_dir(params, root), "heldout", expect=key)
+
+    apply_threads(params.compute)
+    seed_everything(section.seed)
+    device = resolve_device(params.compute)
+    policy = load_materialized(model_dir(params, root, "policy"))
+    tokenizer = policy.tokenizer
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    counter = TruncationCounter()
+    train_rows = read_split(params, root, "prefs_train")
+    heldout_rows = read_split(params, root, "prefs_heldout")
+    picked = [pick["row"] for pick in selection["picks"]]
+    data = _dpo_data(train_rows, picked, train_scores, tokenizer, params.data.max_length, counter)
+    heldout = _dpo_data(
+        heldout_rows, list(range(len(heldout_rows))), heldout_scores, tokenizer, params.data.max_length, counter
+    )
+
+    settings = DpoSettings(beta=params.dpo.beta, **section.model_dump())
+    run_key = hashlib.sha256(
+        json.dumps(
+            [section.model_dump(), params.dpo.beta, picked, read_model_card(model_dir(params, root, "policy"))],
+            sort_keys=True,
+        ).encode()
+    ).hexdigest()[:16]
+    checkpoint_dir = root / params.paths.checkpoints / f"train_dpo_{method}_{run_key}"
+    model = policy.model.to(device)
+    with tracking.start_run(
+        params,
+        root,
+        stage="train_dpo",
+        run_name=f"train_dpo@{method}",
+        tags={"method": method, "selection_sha256": hashlib.sha256(selection_file.read_bytes()).hexdigest()},
+    ) as run:
+        tracking.log_dict(selection, "selection.json")
+        history = train_dpo(
+            model,
+            data,
+            settings,
+            pad_id=pad_id,
+            device=device,
+            autocast=lambda: autocast(params.compute, device),
+            checkpoint_dir=checkpoint_dir,
+            eval_data=heldout,
+            on_metrics=tracking.log_metrics,
+        )
+        final = history[-1]
+        metrics = {
+            "pairs": len(data),
+            "steps": len(history),
+            "train_loss": final["loss"],
+            "train_margin": final["rewards/margins"],
+            "heldout_accuracy": final["eval/accuracy"],
+            "heldout_margin": final["eval/margin"],
+            "heldout_dpo_nll": final["eval/dpo_nll"],
+            "responses_truncated": counter.truncated,
+        }
+        tracking.log_metrics({f"final/{k}": v for k, v in metrics.items()})
+        model = model.to(dtype=torch.bfloat16)
+        with atomic_directory(policy_dir(params, root, method)) as tmp:
+            model.save_pretrained(tmp, safe_serialization=True)
+            tokenizer.save_pretrained(tmp)
+        register = method == params.select.primary
+        info = tracking.log_transformers_model(
+            model, tokenizer, registered_model_name=REGISTERED_POLICY if register else None
+        )
+        if register:
+            tracking.set_alias(REGISTERED_POLICY, info.registered_model_version, "challenger")
+            metrics["registered_version"] = int(info.registered_model_version)
+        metrics["mlflow_run_id"] = run.info.run_id
+
+    curve = io.StringIO()
+    writer = csv.writer(curve)
+    writer.writerow(["step", "loss", "margin", "accuracy", "logps_chosen"])
+    writer.writerows([step, *(round(h[c], 6) for c in CURVE_COLUMNS[1:])] for step, h in enumerate(history, start=1))
+    atomic_write_text(root / params.paths.reports / "train_dpo" / f"{method}.csv", curve.getvalue())
+    atomic_write_json(
+        root / params.paths.reports / "train_dpo" / f"{method}.json",
+        {k: v for k, v in metrics.items() if k != "mlflow_run_id"},
+    )
+    shutil.rmtree(checkpoint_dir, ignore_errors=True)  # the model directory is the result now
+    log.info(
+        "train_dpo@%s: held-out accuracy %.3f, margin %.3f",
+        method,
+        metrics["heldout_accuracy"],
+        metrics["heldout_margin"],
+    )
+    return metrics

@@ -1,0 +1,76 @@
+"""train_dpo on a tiny policy: trains, refuses mismatches, registers only the primary method."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import mlflow
+import pytest
+import torch
+from mlflow import MlflowClient
+
+from logitflow import tracking
+from logitflow.config import load_params
+from logitflow.errors import DataError
+from logitflow.stages import score_prefs, select, train_dpo
+from tests.conftest import set_params
+
+
+@pytest.fixture
+def selected_project(prepared_project: Path) -> Path:
+    params = load_params(prepared_project / "params.yaml")
+    score_prefs.run(params, prepared_project)
+    for method in ("uniform", "adpo_plus"):
+        select.run(params, prepared_project, method)
+    return prepared_project
+
+
+def test_primary_registers_challenger_and_comparison_does_not(selected_project: Path) -> None:
+    params = load_params(selected_project / "params.yaml")
+    baseline = train_dpo.run(params, selected_project, "uniform")
+    primary = train_dpo.run(params, selected_project, "adpo_plus")
+    assert "registered_version" not in baseline and primary["registered_version"] == 1
+    for metrics in (baseline, primary):
+        assert metrics["pairs"] == 8 and metrics["steps"] == 2
+        assert 0.0 <= metrics["heldout_accuracy"] <= 1.0
+    report = json.loads((selected_project / "reports/train_dpo/adpo_plus.json").read_text())
+    assert report["heldout_margin"] == pytest.approx(primary["heldout_margin"])
+    curve = (selected_project / "reports/train_dpo/uniform.csv").read_text().splitlines()
+    assert curve[0] == "step,loss,margin,accuracy,logps_chosen" and len(curve) == 3
+    assert not list((selected_project / "checkpoints").glob("*")), "checkpoints are removed after success"
+
+    tracking.configure(params, selected_project)
+    client = MlflowClient()
+    version = client.get_model_version_by_alias(train_dpo.REGISTERED_POLICY, "challenger")
+    assert version.run_id == primary["mlflow_run_id"]
+    run = client.get_run(primary["mlflow_run_id"])
+    assert run.data.tags["method"] == "adpo_plus" and "rewards/margins" in run.data.metrics
+    history = client.get_metric_history(primary["mlflow_run_id"], "loss")
+    assert [m.step for m in history] == [1, 2]
+
+    components = mlflow.transformers.load_model(
+        f"models:/{train_dpo.REGISTERED_POLICY}@challenger", return_type="components"
+    )
+    tokenizer, model = components["tokenizer"], components["model"]
+    inputs = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "What is 2 + 2?"}],
+        add_generation_prompt=True,
+        return_tensors="pt",
+        return_dict=True,
+    )
+    output = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+    assert output.shape[1] > inputs["input_ids"].shape[1]
+
+    from transformers import AutoModelForCausalLM
+
+    saved = AutoModelForCausalLM.from_pretrained(selected_project / "models/dpo_adpo_plus")
+    assert saved.dtype == torch.bfloat16 or saved.dtype == torch.float32
+
+
+def test_refuses_scores_from_another_setup_and_missing_selection(selected_project: Path) -> None:
+    set_params(selected_project, **{"data.max_length": 48})
+    with pytest.raises(DataError, match="made from other reference scores than the current ones; rerun select"):
+        train_dpo.run(load_params(selected_project / "params.yaml"), selected_project, "uniform")
+    with pytest.raises(DataError, match=r"apo.json: missing; run `logitflow stage select apo` first"):
+        train_dpo.run(load_params(selected_project / "params.yaml"), selected_project, "apo")
