@@ -58,6 +58,14 @@ BAD_PARAMS = [
     ({"cache_teacher": {"topk": {"k": 0}}}, "cache_teacher.topk.k = 0"),
     ({"cache_teacher": {"primary": "full"}}, "cache_teacher.primary = 'full'"),
     ({"cache_teacher": {"batch_size": 0}}, "cache_teacher.batch_size = 0"),
+    ({"dpo": {"beta": 0}}, "dpo.beta = 0"),
+    ({"select": {"budget": 0}}, "select.budget = 0"),
+    ({"select": {"primary": "pmc"}}, "select.primary = 'pmc'"),
+    ({"score_prefs": {"pooling": "max"}}, "score_prefs.pooling = 'max'"),
+    ({"train_dpo": {"lr": 0}}, "train_dpo.lr = 0"),
+    ({"train_dpo": {"loss_type": "ipo", "label_smoothing": 0.1}}, "not to 'ipo'"),
+    ({"train_dpo": {"label_smoothing": 0.5}}, "train_dpo.label_smoothing = 0.5"),
+    ({"train_dpo": {"schedule": "step"}}, "train_dpo.schedule = 'step'"),
 ]
 
 
