@@ -62,10 +62,13 @@ def test_primary_registers_challenger_and_comparison_does_not(selected_project: 
     output = model.generate(**inputs, max_new_tokens=4, do_sample=False)
     assert output.shape[1] > inputs["input_ids"].shape[1]
 
+    from safetensors import safe_open
     from transformers import AutoModelForCausalLM
 
-    saved = AutoModelForCausalLM.from_pretrained(selected_project / "models/dpo_adpo_plus")
-    assert saved.dtype == torch.bfloat16 or saved.dtype == torch.float32
+    saved = selected_project / "models/dpo_adpo_plus"
+    with safe_open(str(saved / "model.safetensors"), "pt") as handle:
+        assert {handle.get_tensor(k).dtype for k in handle.keys()} == {torch.bfloat16}  # noqa: SIM118
+    assert AutoModelForCausalLM.from_pretrained(saved).config.vocab_size == len(tokenizer)
 
 
 def test_refuses_scores_from_another_setup_and_missing_selection(selected_project: Path) -> None:
