@@ -258,6 +258,19 @@ class SelectSection(Section):
     seed: int = Field(default=0, ge=0)
 
 
+class LoraSettings(Section):
+    """LoRA adapters (peft) instead of full fine-tuning; merged into the weights when saved."""
+
+    enabled: bool = False
+    r: int = Field(default=8, ge=1, le=1024)
+    alpha: float = Field(default=16.0, gt=0.0)
+    dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        min_length=1,
+    )
+
+
 class TrainDpoSection(Section):
     """The `train_dpo` stage, a DVC matrix over selection methods; the `select.primary` run registers
     its model as `logitflow-policy@challenger`."""
@@ -275,6 +288,7 @@ class TrainDpoSection(Section):
     eval_every: int = Field(default=0, ge=0)  # steps; 0: at the end only
     checkpoint_every: int = Field(default=10, ge=0)
     seed: int = Field(default=0, ge=0)
+    lora: LoraSettings = LoraSettings()
 
     @model_validator(mode="after")
     def _smoothing_fits_loss(self) -> TrainDpoSection:

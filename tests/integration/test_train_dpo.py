@@ -77,3 +77,29 @@ def test_refuses_scores_from_another_setup_and_missing_selection(selected_projec
         train_dpo.run(load_params(selected_project / "params.yaml"), selected_project, "uniform")
     with pytest.raises(DataError, match=r"apo.json: missing; run `logitflow stage select apo` first"):
         train_dpo.run(load_params(selected_project / "params.yaml"), selected_project, "apo")
+
+
+def test_lora_trains_adapters_and_saves_a_merged_model(selected_project: Path) -> None:
+    from safetensors import safe_open
+
+    set_params(selected_project, **{"train_dpo.lora": {"enabled": True, "r": 4, "alpha": 8, "dropout": 0.1}})
+    params = load_params(selected_project / "params.yaml")
+    metrics = train_dpo.run(params, selected_project, "uniform")
+    assert metrics["steps"] == 2
+    with (
+        safe_open(str(selected_project / "models/dpo_uniform/model.safetensors"), "pt") as trained,
+        safe_open(str(selected_project / "models/policy/model.safetensors"), "pt") as base,
+    ):
+        names = set(trained.keys())
+        assert not any("lora" in name for name in names), "adapters are merged into plain weights"
+        name = "model.layers.0.self_attn.q_proj.weight"
+        assert not torch.equal(trained.get_tensor(name), base.get_tensor(name))
+        assert torch.equal(trained.get_tensor("model.norm.weight"), base.get_tensor("model.norm.weight"))
+
+
+def test_lora_with_unknown_target_modules_is_a_clear_error(selected_project: Path) -> None:
+    from logitflow.errors import LogitflowError
+
+    set_params(selected_project, **{"train_dpo.lora": {"enabled": True, "target_modules": ["nope_proj"]}})
+    with pytest.raises(LogitflowError, match=r"train_dpo.lora.target_modules = \['nope_proj'\]"):
+        train_dpo.run(load_params(selected_project / "params.yaml"), selected_project, "uniform")

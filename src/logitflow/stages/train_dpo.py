@@ -22,7 +22,7 @@ import torch
 from logitflow import tracking
 from logitflow.cache.ref_scores import load_scores
 from logitflow.compute import apply_threads, autocast, resolve_device, seed_everything
-from logitflow.config import Params
+from logitflow.config import LoraSettings, Params
 from logitflow.data.tokenize import TruncationCounter, tokenize_pair
 from logitflow.errors import DataError, LogitflowError
 from logitflow.fsio import atomic_directory, atomic_write_json, atomic_write_text
@@ -57,6 +57,25 @@ def _dpo_data(
     return DpoData(pairs, scores.chosen_logp[index].double(), scores.rejected_logp[index].double())
 
 
+def with_lora(model: torch.nn.Module, lora: LoraSettings) -> torch.nn.Module:
+    """The model wrapped with trainable LoRA adapters (base weights frozen), or unchanged."""
+    if not lora.enabled:
+        return model
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=list(lora.target_modules),
+        task_type="CAUSAL_LM",
+    )
+    try:
+        return get_peft_model(model, config)
+    except ValueError as err:
+        raise LogitflowError(f"train_dpo.lora.target_modules = {list(lora.target_modules)}: {err}") from None
+
+
 def run(params: Params, root: Path, variant: str | None = None) -> dict[str, Any]:
     method = variant or params.select.primary
     if method not in METHODS:
@@ -89,7 +108,7 @@ def run(params: Params, root: Path, variant: str | None = None) -> dict[str, Any
         heldout_rows, list(range(len(heldout_rows))), heldout_scores, tokenizer, params.data.max_length, counter
     )
 
-    settings = DpoSettings(beta=params.dpo.beta, **section.model_dump())
+    settings = DpoSettings(beta=params.dpo.beta, **section.model_dump(exclude={"lora"}))
     run_key = hashlib.sha256(
         json.dumps(
             [section.model_dump(), params.dpo.beta, picked, read_model_card(model_dir(params, root, "policy"))],
@@ -97,7 +116,7 @@ def run(params: Params, root: Path, variant: str | None = None) -> dict[str, Any
         ).encode()
     ).hexdigest()[:16]
     checkpoint_dir = root / params.paths.checkpoints / f"train_dpo_{method}_{run_key}"
-    model = policy.model.to(device)
+    model = with_lora(policy.model, section.lora).to(device)
     with tracking.start_run(
         params,
         root,
@@ -117,6 +136,8 @@ def run(params: Params, root: Path, variant: str | None = None) -> dict[str, Any
             eval_data=heldout,
             on_metrics=tracking.log_metrics,
         )
+        if section.lora.enabled:
+            model = model.merge_and_unload()  # a plain transformers model again
         final = history[-1]
         metrics = {
             "pairs": len(data),

@@ -2,7 +2,7 @@
 memory), the LM head runs only at response positions, gradient accumulation, warmup + schedule,
 clipping, periodic held-out evaluation, atomic checkpoints and exact resume.
 
-Not yet here (issue #5 continues): LoRA, DDP under torchrun, the stage, MLflow registration.
+Not yet here (issue #5 continues): DDP under torchrun.
 """
 
 from __future__ import annotations
@@ -165,7 +165,10 @@ def save_checkpoint(directory: Path, model, optimizer, scheduler, step: int, his
     """Model weights, optimizer and scheduler state, the step and history; written atomically."""
     with atomic_directory(directory) as tmp:
         save_model(model, str(tmp / "model.safetensors"))  # handles tied embeddings
-        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "optimizer.pt")
+        torch.save(
+            {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": torch.get_rng_state()},
+            tmp / "optimizer.pt",
+        )
         atomic_write_json(tmp / STATE_FILE, {"step": step, "history": history})
 
 
@@ -175,6 +178,7 @@ def _load_checkpoint(directory: Path, model, optimizer, scheduler) -> tuple[int,
     optim = torch.load(directory / "optimizer.pt", weights_only=True)
     optimizer.load_state_dict(optim["optimizer"])
     scheduler.load_state_dict(optim["scheduler"])
+    torch.set_rng_state(optim["rng"])  # dropout (e.g. LoRA's) continues the same random stream
     return int(state["step"]), list(state["history"])
 
 
