@@ -2,7 +2,9 @@
 memory), the LM head runs only at response positions, gradient accumulation, warmup + schedule,
 clipping, periodic held-out evaluation, atomic checkpoints and exact resume.
 
-Not yet here (issue #5 continues): DDP under torchrun.
+Under torchrun (torch.distributed initialised), each process takes its share of every step's pairs
+and the gradients are summed across processes before the optimizer step, so N processes compute the
+same update as one process with the same global batch; rank 0 writes checkpoints and reports metrics.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from safetensors.torch import load_model, save_model
 from transformers import get_scheduler
 
@@ -157,6 +160,26 @@ def evaluate(
     }
 
 
+def _world() -> tuple[int, int]:
+    """(rank, world size); (0, 1) outside torchrun."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _sum_gradients(parameters: list[torch.nn.Parameter]) -> None:
+    for parameter in parameters:
+        if parameter.grad is None:  # this rank had no pairs this step
+            parameter.grad = torch.zeros_like(parameter)
+        dist.all_reduce(parameter.grad, op=dist.ReduceOp.SUM)
+
+
+def _gather_parts(parts: list[dict[str, torch.Tensor]]) -> list[dict[str, torch.Tensor]]:
+    gathered: list[list[dict[str, torch.Tensor]] | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, [{k: v.detach().cpu() for k, v in p.items()} for p in parts])
+    return [part for rank_parts in gathered for part in (rank_parts or [])]
+
+
 def _epoch_order(n: int, seed: int, epoch: int) -> list[int]:
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch)).tolist()
 
@@ -209,6 +232,8 @@ def train_dpo(
         lr=settings.lr,
     )
     scheduler = get_scheduler(settings.schedule, optimizer, math.ceil(settings.warmup_ratio * total), total)
+    rank, world = _world()
+    trainable = [p for p in model.parameters() if p.requires_grad]
     step, history = 0, []
     if (checkpoint_dir / STATE_FILE).is_file():
         step, history = _load_checkpoint(checkpoint_dir, model, optimizer, scheduler)
@@ -219,9 +244,10 @@ def train_dpo(
         epoch, within = divmod(step, steps_per_epoch)
         order = _epoch_order(len(data), settings.seed, epoch)
         chunk = order[within * per_step : (within + 1) * per_step]
+        mine = chunk[rank::world]
         parts = []
-        for start in range(0, len(chunk), settings.batch_size):
-            indices = chunk[start : start + settings.batch_size]
+        for start in range(0, len(mine), settings.batch_size):
+            indices = mine[start : start + settings.batch_size]
             with autocast():
                 part = _pair_losses(model, data, indices, settings, pad_id, device)
             loss = part["losses"].sum() / len(chunk)
@@ -232,7 +258,10 @@ def train_dpo(
                 )
             loss.backward()
             parts.append(part)
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), settings.max_grad_norm)
+        if world > 1:
+            _sum_gradients(trainable)
+            parts = _gather_parts(parts)
+        grad_norm = torch.nn.utils.clip_grad_norm_(trainable, settings.max_grad_norm)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
@@ -241,9 +270,13 @@ def train_dpo(
         if eval_data is not None and (step == total or (settings.eval_every and step % settings.eval_every == 0)):
             metrics.update(evaluate(model, eval_data, settings, pad_id, device, autocast))
         history.append(metrics)
-        on_metrics(metrics, step)
+        if rank == 0:
+            on_metrics(metrics, step)
         if step == stop or (settings.checkpoint_every and step % settings.checkpoint_every == 0):
-            save_checkpoint(checkpoint_dir, model, optimizer, scheduler, step, history)
+            if rank == 0:
+                save_checkpoint(checkpoint_dir, model, optimizer, scheduler, step, history)
+            if world > 1:
+                dist.barrier()
     _warn_on_falling_chosen(history)
     return history
 
