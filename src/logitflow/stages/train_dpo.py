@@ -122,7 +122,13 @@ def run(params: Params, root: Path, variant: str | None = None) -> dict[str, Any
         root,
         stage="train_dpo",
         run_name=f"train_dpo@{method}",
-        tags={"method": method, "selection_sha256": hashlib.sha256(selection_file.read_bytes()).hexdigest()},
+        tags={
+            "method": method,
+            "selection_sha256": hashlib.sha256(selection_file.read_bytes()).hexdigest(),
+            "policy_weights_sha256": key["policy_weights_sha256"],
+            "data_fingerprint_train": key["data_fingerprints"]["train"],
+            "data_fingerprint_heldout": key["data_fingerprints"]["heldout"],
+        },
     ) as run:
         tracking.log_dict(selection, "selection.json")
         history = train_dpo(
