@@ -44,7 +44,6 @@ def test_two_gloo_processes_match_one(tmp_path: Path) -> None:
     )
     assert result.returncode == 0, result.stderr[-3000:]
     one, two = load_file(str(single)), load_file(str(double))
-    initial_moved = 0
     for name in one:
         assert torch.allclose(one[name], two[name], atol=1e-5), name
     from tests.unit.train.test_dpo_loop import _setup

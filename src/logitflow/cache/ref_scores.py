@@ -29,7 +29,7 @@ from logitflow.cache.shards import (
     read_manifest_file,
     run_sharded,
 )
-from logitflow.data.tokenize import TokenizedPair
+from logitflow.data.tokenize import TokenizedPair, pad_right
 from logitflow.fsio import atomic_write_json
 
 SCHEMA_VERSION = 1
@@ -70,12 +70,7 @@ def score_sequences(
 ) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor]:
     """(summed response log-probs [B], per-token log-probs (one [R_b] per sequence), features [B, H]).
     Token r of a response is predicted by the hidden state at r − 1; the LM head sees only those rows."""
-    width = max(len(s.input_ids) for s in sequences)
-    input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
-    mask = torch.zeros_like(input_ids)
-    for row, sequence in enumerate(sequences):
-        input_ids[row, : len(sequence.input_ids)] = torch.tensor(sequence.input_ids)
-        mask[row, : len(sequence.input_ids)] = 1
+    input_ids, mask = pad_right([s.input_ids for s in sequences], pad_id)
     input_ids, mask = input_ids.to(device), mask.to(device)
     hidden = model.get_decoder()(input_ids=input_ids, attention_mask=mask).last_hidden_state
     rows, targets, owners, features = [], [], [], []

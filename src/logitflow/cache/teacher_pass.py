@@ -33,6 +33,7 @@ from logitflow.cache.format import (
 )
 from logitflow.cache.shards import CacheError, ShardedPass, key_digest, run_sharded
 from logitflow.config import RskdSettings, TopkSettings
+from logitflow.data.tokenize import pad_right
 from logitflow.ops.sparse_kd import rskd_sample, topk_targets
 
 log = logging.getLogger(__name__)
@@ -68,12 +69,7 @@ def shard_seed(seed: int, index: int) -> int:
 
 def _hidden_rows(model: torch.nn.Module, batch: list[list[int]], pad_id: int, device: torch.device) -> torch.Tensor:
     """Last hidden states of rows 0..L-2 of every sequence, sequence-major: [Σ(L−1), H]."""
-    width = max(map(len, batch))
-    input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(batch), width), dtype=torch.long)
-    for row, ids in enumerate(batch):
-        input_ids[row, : len(ids)] = torch.tensor(ids)
-        mask[row, : len(ids)] = 1
+    input_ids, mask = pad_right(batch, pad_id)
     hidden = model.get_decoder()(input_ids=input_ids.to(device), attention_mask=mask.to(device)).last_hidden_state
     keep = mask.clone()
     keep[torch.arange(len(batch)), mask.sum(1) - 1] = 0  # the last token has no next token in the chunk

@@ -16,6 +16,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Literal
 
+import torch
 from transformers import PreTrainedTokenizerBase
 
 Messages = list[dict[str, str]]
@@ -97,3 +98,14 @@ def chunk_documents(
             counter.extra_chunks += len(chunks) - 1 if long_documents == "chunk" else 0
         sequences.extend(chunks if long_documents == "chunk" else chunks[:1])
     return sequences
+
+
+def pad_right(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token lists -> (input_ids, attention_mask), both LongTensor [B, longest], padded on the right."""
+    width = max(len(ids) for ids in sequences)
+    input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, ids in enumerate(sequences):
+        input_ids[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+        mask[row, : len(ids)] = 1
+    return input_ids, mask

@@ -22,7 +22,7 @@ import torch.distributed as dist
 from safetensors.torch import load_model, save_model
 from transformers import get_scheduler
 
-from logitflow.data.tokenize import TokenizedPair
+from logitflow.data.tokenize import TokenizedPair, pad_right
 from logitflow.errors import LogitflowError
 from logitflow.fsio import atomic_directory, atomic_write_json
 from logitflow.ops.dpo import dpo_loss
@@ -66,13 +66,9 @@ def response_logps(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed log-probs of each sequence's response tokens [S] and their counts [S]; the LM head
     is applied only to the hidden states that predict response tokens."""
-    width = max(len(s.input_ids) for s in sequences)
-    input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
-    attention = torch.zeros_like(input_ids)
+    input_ids, attention = pad_right([s.input_ids for s in sequences], pad_id)
     response = torch.zeros_like(input_ids, dtype=torch.bool)
     for row, sequence in enumerate(sequences):
-        input_ids[row, : len(sequence.input_ids)] = torch.tensor(sequence.input_ids)
-        attention[row, : len(sequence.input_ids)] = 1
         response[row, sequence.prompt_length : len(sequence.input_ids)] = True
     input_ids, attention, response = input_ids.to(device), attention.to(device), response.to(device)
     hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention).last_hidden_state
