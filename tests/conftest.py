@@ -46,6 +46,14 @@ def tiny_params(root: Path) -> dict:
     params["score_prefs"].update(batch_pairs=4, pairs_per_shard=16)
     params["select"]["budget"] = 8
     params["train_dpo"] = {"lr": 1e-3, "batch_size": 4, "epochs": 1, "checkpoint_every": 1}
+    params["distill"] = {
+        "lr": 1e-3,
+        "batch_size": 4,
+        "checkpoint_every": 1,
+        "max_sequences": 8,
+        "eval_sequences": 4,
+        "student": {"num_hidden_layers": 1},
+    }
     return params
 
 

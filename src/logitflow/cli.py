@@ -1,4 +1,4 @@
-"""The command line: `logitflow stage NAME`, `logitflow params show|apply`."""
+"""The command line: `logitflow stage NAME`, `logitflow grad-fidelity`, `logitflow params show|apply`."""
 
 from __future__ import annotations
 
@@ -72,6 +72,45 @@ def stage(
     except ValidationError as err:  # a stage validating its own inputs with pydantic
         _fail(str(err).replace("\n", " "))
     err_console.print_json(json.dumps(metrics, default=str))
+
+
+@app.command("grad-fidelity")
+def grad_fidelity(
+    params: ParamsOption = None,
+    sequences: Annotated[int, typer.Option(min=1, help="corpus sequences in the batch")] = 8,
+    rskd_samples: Annotated[list[int] | None, typer.Option("--rskd-samples", min=1, help="RS-KD draws N")] = None,
+    topk: Annotated[list[int] | None, typer.Option("--topk", min=1, help="Top-K sizes")] = None,
+    student: Annotated[Path | None, typer.Option(help="a trained student directory (default: a fresh one)")] = None,
+    json_out: Annotated[Path | None, typer.Option("--json", help="also write the table as JSON here")] = None,
+) -> None:
+    """Angle and norm ratio of each sparse KD loss's gradient vs FullKD's, on real batches."""
+    from dataclasses import asdict
+
+    from rich.table import Table
+
+    from logitflow.analysis.grad_fidelity import gradient_fidelity
+    from logitflow.fsio import atomic_write_json
+
+    try:
+        path = params_path(params)
+        rows = gradient_fidelity(
+            load_params(path),
+            path.resolve().parent,
+            sequences=sequences,
+            rskd_samples=rskd_samples or [30, 50],
+            topk=topk or [12, 50],
+            student_path=student,
+        )
+    except LogitflowError as err:
+        _fail(str(err))
+    table = Table(title="Student gradient vs FullKD's")
+    for column in ("target", "stored ids / position", "angle (deg)", "norm ratio"):
+        table.add_column(column, justify="left" if column == "target" else "right")
+    for row in rows:
+        table.add_row(row.method, f"{row.unique_per_position:.1f}", f"{row.angle_degrees:.1f}", f"{row.norm_ratio:.2f}")
+    Console().print(table)
+    if json_out is not None:
+        atomic_write_json(json_out, [asdict(row) for row in rows])
 
 
 @params_app.command("show")

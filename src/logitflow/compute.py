@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import random
+from collections.abc import Iterator
 
 import torch
+import torch.distributed as dist
 
 from logitflow.config import ComputeSection
 from logitflow.errors import ParamsError
@@ -41,3 +44,21 @@ def inference_dtype(compute: ComputeSection) -> torch.dtype:
     """Weights dtype for forward-only passes: with bf16 precision the weights themselves are cast
     once (autocast would re-cast every weight on every call, which dominates chunked LM heads)."""
     return torch.bfloat16 if compute.precision == "bf16" else torch.float32
+
+
+@contextlib.contextmanager
+def distributed(compute: ComputeSection) -> Iterator[int]:
+    """Under torchrun (WORLD_SIZE > 1): join the process group (nccl on CUDA with this process's
+    GPU, gloo on CPU) and yield this process's rank; otherwise yield 0. Training loops see the
+    group and split each step across processes; only rank 0 should write outputs and track."""
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1 or dist.is_initialized():
+        yield dist.get_rank() if dist.is_initialized() else 0
+        return
+    device = resolve_device(compute)
+    if device.type == "cuda":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    try:
+        yield dist.get_rank()
+    finally:
+        dist.destroy_process_group()

@@ -271,12 +271,9 @@ class LoraSettings(Section):
     )
 
 
-class TrainDpoSection(Section):
-    """The `train_dpo` stage, a DVC matrix over selection methods; the `select.primary` run registers
-    its model as `logitflow-policy@challenger`."""
+class TrainingSection(Section):
+    """What every training stage shares: optimizer, schedule, batching, evaluation, checkpoints."""
 
-    loss_type: Literal["sigmoid", "robust", "ipo", "hinge"] = "sigmoid"
-    label_smoothing: float = Field(default=0.0, ge=0.0, lt=0.5)
     lr: float = Field(default=1e-5, gt=0.0, le=1.0)
     weight_decay: float = Field(default=0.0, ge=0.0)
     batch_size: int = Field(default=8, ge=1)
@@ -288,12 +285,70 @@ class TrainDpoSection(Section):
     eval_every: int = Field(default=0, ge=0)  # steps; 0: at the end only
     checkpoint_every: int = Field(default=10, ge=0)
     seed: int = Field(default=0, ge=0)
+
+    def loop_settings(self) -> dict[str, Any]:
+        return self.model_dump(include=set(TrainingSection.model_fields))
+
+
+class TrainDpoSection(TrainingSection):
+    """The `train_dpo` stage, a DVC matrix over selection methods; the `select.primary` run registers
+    its model as `logitflow-policy@challenger`."""
+
+    loss_type: Literal["sigmoid", "robust", "ipo", "hinge"] = "sigmoid"
+    label_smoothing: float = Field(default=0.0, ge=0.0, lt=0.5)
     lora: LoraSettings = LoraSettings()
 
     @model_validator(mode="after")
     def _smoothing_fits_loss(self) -> TrainDpoSection:
         if self.label_smoothing and self.loss_type not in ("sigmoid", "robust"):
             raise ValueError(f"label_smoothing applies to sigmoid and robust losses, not to '{self.loss_type}'")
+        return self
+
+
+DistillLoss = Literal["rskd", "topk", "topk_ghost", "full", "ce"]
+
+
+class StudentSpec(Section):
+    """The student: the teacher's architecture with fewer layers, initialised from a subset of the
+    teacher's layers (`teacher_layers`) or at random (`random`, optionally narrower)."""
+
+    init: Literal["teacher_layers", "random"] = "teacher_layers"
+    num_hidden_layers: int = Field(default=6, ge=1, le=512)
+    hidden_size: int | None = Field(default=None, ge=8)  # random init only; null: the teacher's
+    intermediate_size: int | None = Field(default=None, ge=8)
+    num_attention_heads: int | None = Field(default=None, ge=1)
+    num_key_value_heads: int | None = Field(default=None, ge=1)
+
+    @model_validator(mode="after")
+    def _width_needs_random_init(self) -> StudentSpec:
+        widths = [
+            k
+            for k in ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads")
+            if getattr(self, k) is not None
+        ]
+        if widths and self.init == "teacher_layers":
+            raise ValueError(f"{', '.join(widths)} can only be set with init: random (copied layers keep their width)")
+        return self
+
+
+class DistillSection(TrainingSection):
+    """The `distill` stage, a DVC matrix over losses: `rskd` and `topk`/`topk_ghost` read the teacher
+    caches, `full` runs the teacher every step (FullKD), `ce` trains on the real next token only.
+    The `primary` loss's run registers its model as `logitflow-student@challenger`."""
+
+    primary: DistillLoss = "rskd"
+    losses: list[DistillLoss] = Field(default_factory=lambda: ["rskd", "topk", "topk_ghost", "ce"], min_length=1)
+    alpha: float = Field(default=1.0, ge=0.0, le=1.0)  # loss = α·KD + (1 − α)·CE(real next token)
+    student: StudentSpec = StudentSpec()
+    max_sequences: int | None = Field(default=None, ge=1)  # the first N cached sequences; null: all
+    eval_sequences: int = Field(default=32, ge=1)  # held-out sequences (dense teacher logits only for these)
+
+    @model_validator(mode="after")
+    def _primary_is_run(self) -> DistillSection:
+        if self.primary not in self.losses:
+            raise ValueError(f"primary '{self.primary}' is not in losses {self.losses}: it would never be trained")
+        if len(set(self.losses)) != len(self.losses):
+            raise ValueError(f"losses {self.losses} repeats a loss")
         return self
 
 
@@ -309,6 +364,7 @@ class Params(Section):
     score_prefs: ScorePrefsSection = ScorePrefsSection()
     select: SelectSection = SelectSection()
     train_dpo: TrainDpoSection = TrainDpoSection()
+    distill: DistillSection = DistillSection()
 
 
 # ---------------------------------------------------------------- loading

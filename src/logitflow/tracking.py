@@ -88,9 +88,14 @@ def start_run(
     stage: str,
     run_name: str | None = None,
     tags: Mapping[str, str] | None = None,
-) -> Iterator[mlflow.ActiveRun]:
+    enabled: bool = True,
+) -> Iterator[mlflow.ActiveRun | None]:
     """An MLflow run for one stage, with every param logged (flattened), nested under the parent
-    run named by the environment when there is one."""
+    run named by the environment when there is one. Not enabled (e.g. torchrun ranks other than
+    0): yields None and touches nothing."""
+    if not enabled:
+        yield None
+        return
     configure(params, project_root)
     parent = os.environ.get(PARENT_RUN_ENV) or None
     all_tags = {"logitflow.stage": stage, **(tags or {})}

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import SafetensorError, safe_open
 
 from logitflow.cache.format import Manifest, Shard, decode_shard, read_manifest
 from logitflow.cache.shards import CacheError, read_checked
@@ -63,6 +64,17 @@ class TeacherCache:
     @property
     def mode(self) -> str:
         return self.manifest.mode
+
+    def lengths(self) -> np.ndarray:
+        """Token count of every sequence [S], read from the shards' `lengths` tensors alone."""
+        parts = []
+        for entry in self.manifest.shards:
+            try:
+                with safe_open(self.directory / entry.file, framework="numpy") as handle:
+                    parts.append(handle.get_tensor("lengths").astype(np.int64))
+            except (OSError, SafetensorError) as err:
+                raise CacheError(f"{self.directory / entry.file}: not a readable shard: {err}") from None
+        return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
 
     def _shard(self, index: int) -> tuple[Shard, np.ndarray, np.ndarray]:
         if index in self._open:

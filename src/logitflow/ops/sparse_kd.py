@@ -129,3 +129,49 @@ def topk_targets(
     tail_mass = (1.0 - head.sum(-1, keepdim=True)).clamp_min(0.0)
     ghost = torch.full_like(ids[..., :1], GHOST_ID)
     return SparseTargets(torch.cat([ids, ghost], -1), torch.cat([head, tail_mass], -1))
+
+
+# ---------------------------------------------------------------- losses
+#
+# Each returns the per-position loss [...] (the shape of the logits without the vocabulary axis),
+# scaled by T² so that gradient magnitudes do not shrink with the temperature (Hinton et al.).
+# Positions whose target probabilities are all zero (padding) have loss 0; callers average over
+# the positions they count. The losses are cross-entropies: they differ from the KL by the target's
+# entropy, a constant, so their gradients are the KL's.
+
+
+def sparse_kd_loss(student_logits: torch.Tensor, targets: SparseTargets, *, temperature: float = 1.0) -> torch.Tensor:
+    """Cross-entropy of softmax(student_logits / T) against a sparse target, by gathering the
+    student's log-probabilities at the stored ids (no dense [positions, vocab] target is built).
+
+    student_logits: [..., V]; targets: ids/probs [..., K]. Ids equal to GHOST_ID (Top-K with a ghost
+    bucket) stand for "every id not in this row": the student's mass there is 1 − Σ its head."""
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    log_student = torch.log_softmax(student_logits.float() / temperature, dim=-1)
+    ghost = targets.ids == GHOST_ID
+    gathered = log_student.gather(-1, targets.ids.clamp_min(0))
+    if ghost.any():
+        head = torch.logsumexp(gathered.masked_fill(ghost, -torch.inf), dim=-1, keepdim=True)
+        log_tail = torch.log((-torch.expm1(head)).clamp_min(torch.finfo(torch.float32).tiny))
+        gathered = torch.where(ghost, log_tail, gathered)
+    return -(targets.probs * gathered).sum(-1) * temperature**2
+
+
+def full_kd_loss(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, temperature: float = 1.0
+) -> torch.Tensor:
+    """FullKD, the dense baseline: cross-entropy of softmax(student / T) against softmax(teacher / T).
+    student_logits, teacher_logits: [..., V] -> [...]."""
+    log_student = torch.log_softmax(student_logits.float() / temperature, dim=-1)
+    return -(teacher_probs(teacher_logits, temperature) * log_student).sum(-1) * temperature**2
+
+
+def topk_from_cache(ids: torch.Tensor, head_probs: torch.Tensor, tail: torch.Tensor, *, ghost: bool) -> SparseTargets:
+    """Top-K targets from a cache's stored head probabilities t_i [..., k] and tail mass [...]:
+    renormalised over the head, or with the tail as a GHOST_ID slot. Rows of zeros stay zeros."""
+    if ghost:
+        ids = torch.cat([ids, torch.full_like(ids[..., :1], GHOST_ID)], -1)
+        head_probs = torch.cat([head_probs, tail[..., None]], -1)
+    total = head_probs.sum(-1, keepdim=True)
+    return SparseTargets(ids, head_probs / total.clamp_min(torch.finfo(torch.float32).tiny))

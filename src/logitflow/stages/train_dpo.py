@@ -21,7 +21,7 @@ import torch
 
 from logitflow import tracking
 from logitflow.cache.ref_scores import load_scores
-from logitflow.compute import apply_threads, autocast, resolve_device, seed_everything
+from logitflow.compute import apply_threads, autocast, distributed, resolve_device, seed_everything
 from logitflow.config import LoraSettings, Params
 from logitflow.data.tokenize import TruncationCounter, tokenize_pair
 from logitflow.errors import DataError, LogitflowError
@@ -77,6 +77,12 @@ def with_lora(model: torch.nn.Module, lora: LoraSettings) -> torch.nn.Module:
 
 
 def run(params: Params, root: Path, variant: str | None = None) -> dict[str, Any]:
+    """Under torchrun every process trains its share; rank 0 alone tracks and writes outputs."""
+    with distributed(params.compute) as rank:
+        return _run(params, root, variant, rank)
+
+
+def _run(params: Params, root: Path, variant: str | None, rank: int) -> dict[str, Any]:
     method = variant or params.select.primary
     if method not in METHODS:
         raise LogitflowError(f"train_dpo: unknown selection method '{method}' (methods: {', '.join(METHODS)})")
@@ -120,6 +126,7 @@ def run(params: Params, root: Path, variant: str | None = None) -> dict[str, Any
     with tracking.start_run(
         params,
         root,
+        enabled=rank == 0,
         stage="train_dpo",
         run_name=f"train_dpo@{method}",
         tags={
@@ -130,7 +137,8 @@ def run(params: Params, root: Path, variant: str | None = None) -> dict[str, Any
             "data_fingerprint_heldout": key["data_fingerprints"]["heldout"],
         },
     ) as run:
-        tracking.log_dict(selection, "selection.json")
+        if run:
+            tracking.log_dict(selection, "selection.json")
         history = train_dpo(
             model,
             data,
@@ -142,6 +150,8 @@ def run(params: Params, root: Path, variant: str | None = None) -> dict[str, Any
             eval_data=heldout,
             on_metrics=tracking.log_metrics,
         )
+        if not run:
+            return {"rank": rank, "steps": len(history)}
         if section.lora.enabled:
             model = model.merge_and_unload()  # a plain transformers model again
         final = history[-1]

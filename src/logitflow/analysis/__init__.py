@@ -1,0 +1,1 @@
+"""Diagnostics that explain results (not pipeline stages)."""
