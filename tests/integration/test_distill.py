@@ -21,6 +21,7 @@ from logitflow.student import build_student
 from logitflow.train.distill import LOSSES, DistillSettings, DistillTask
 from logitflow.train.distill import distill as train_student
 from tests.conftest import set_params
+from tests.helpers.torchrun import torchrun_logitflow
 
 CPU = torch.device("cpu")
 
@@ -92,3 +93,15 @@ def test_interrupted_distillation_resumes_on_the_same_trajectory(cached_project:
     run(tmp_path / "b", max_steps=2)
     resumed = run(tmp_path / "b")
     assert [h["loss"] for h in resumed] == [h["loss"] for h in full]
+
+
+@pytest.mark.slow
+def test_stage_under_torchrun_with_two_gloo_processes_matches_one_process(cached_project: Path) -> None:
+    params = load_params(cached_project / "params.yaml")
+    single = distill.run(params, cached_project, "rskd")
+    result = torchrun_logitflow(cached_project, "stage", "distill", "rskd")
+    assert result.returncode == 0, result.stderr[-3000:]
+    double = json.loads((cached_project / "reports/distill/rskd.json").read_text())
+    assert double["registered_version"] == 2, "rank 0 registered once, after the single-process run's version 1"
+    for key in ("train_loss", "heldout_lm_loss", "heldout_kl_to_teacher"):
+        assert double[key] == pytest.approx(single[key], rel=1e-4), key

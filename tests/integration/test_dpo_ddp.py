@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -11,13 +10,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from tests.helpers.torchrun import free_port
+
 WORKER = Path(__file__).resolve().parents[1] / "helpers" / "dpo_ddp_worker.py"
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.mark.slow
@@ -34,7 +29,7 @@ def test_two_gloo_processes_match_one(tmp_path: Path) -> None:
             "--master_addr",
             "127.0.0.1",
             "--master_port",
-            str(_free_port()),
+            str(free_port()),
             str(WORKER),
             str(double),
             "4",

@@ -15,6 +15,7 @@ from logitflow.config import load_params
 from logitflow.errors import DataError
 from logitflow.stages import score_prefs, select, train_dpo
 from tests.conftest import set_params
+from tests.helpers.torchrun import torchrun_logitflow
 
 
 @pytest.fixture
@@ -104,3 +105,15 @@ def test_lora_with_unknown_target_modules_is_a_clear_error(selected_project: Pat
     set_params(selected_project, **{"train_dpo.lora": {"enabled": True, "target_modules": ["nope_proj"]}})
     with pytest.raises(LogitflowError, match=r"train_dpo.lora.target_modules = \['nope_proj'\]"):
         train_dpo.run(load_params(selected_project / "params.yaml"), selected_project, "uniform")
+
+
+@pytest.mark.slow
+def test_stage_under_torchrun_with_two_gloo_processes_matches_one_process(selected_project: Path) -> None:
+    params = load_params(selected_project / "params.yaml")
+    single = train_dpo.run(params, selected_project, "adpo_plus")
+    result = torchrun_logitflow(selected_project, "stage", "train_dpo", "adpo_plus")
+    assert result.returncode == 0, result.stderr[-3000:]
+    double = json.loads((selected_project / "reports/train_dpo/adpo_plus.json").read_text())
+    assert double["registered_version"] == 2, "rank 0 registered once, after the single-process run's version 1"
+    for key in ("train_loss", "heldout_margin", "heldout_dpo_nll"):
+        assert double[key] == pytest.approx(single[key], rel=1e-4, abs=1e-6), key
