@@ -143,6 +143,16 @@ def log_dict(obj: Mapping[str, Any], artifact_file: str) -> None:
     mlflow.log_dict(dict(obj), artifact_file)
 
 
+def log_input(name: str, path: str | os.PathLike[str], digest: str, context: str) -> None:
+    """Record a dataset the run read (a cache, a selection, a split) by location and content
+    digest, without uploading it: the run's Inputs in the MLflow UI."""
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+
+    source = resolve_dataset_source(str(Path(path).resolve()))
+    mlflow.log_input(MetaDataset(source, name=name, digest=digest[:32]), context=context)
+
+
 def log_figure(figure: Any, artifact_file: str) -> None:
     mlflow.log_figure(figure, artifact_file)
 

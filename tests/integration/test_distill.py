@@ -61,6 +61,10 @@ def test_every_loss_trains_and_only_the_primary_registers(cached_project: Path) 
     run = client.get_run(results["topk_ghost"]["mlflow_run_id"])
     assert run.data.tags["cache_mode"] == "topk" and "eval/kl_to_teacher" in run.data.metrics
     assert "cache_manifest.json" in [a.path for a in client.list_artifacts(run.info.run_id)]
+    inputs = {i.dataset.name: i for i in run.inputs.dataset_inputs}
+    assert set(inputs) == {"teacher_cache_topk", "corpus_heldout"}
+    manifest = json.loads((cached_project / "cache/teacher_topk/manifest.json").read_text())
+    assert manifest["key_sha256"].startswith(inputs["teacher_cache_topk"].dataset.digest)
 
 
 def test_cache_of_another_teacher_is_refused(cached_project: Path) -> None:

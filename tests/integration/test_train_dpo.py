@@ -48,6 +48,8 @@ def test_primary_registers_challenger_and_comparison_does_not(selected_project: 
     run = client.get_run(primary["mlflow_run_id"])
     assert run.data.tags["method"] == "adpo_plus" and "rewards/margins" in run.data.metrics
     assert len(run.data.tags["data_fingerprint_heldout"]) == 64
+    inputs = {i.dataset.name for i in run.inputs.dataset_inputs}
+    assert inputs == {"selection_adpo_plus", "prefs_train", "prefs_heldout"}
     history = client.get_metric_history(primary["mlflow_run_id"], "loss")
     assert [m.step for m in history] == [1, 2]
 

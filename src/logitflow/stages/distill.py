@@ -157,6 +157,13 @@ def _run(params: Params, root: Path, variant: str | None, rank: int) -> dict[str
     ) as run:
         if run:
             tracking.log_dict(cache.manifest.model_dump(mode="json"), "cache_manifest.json")
+            tracking.log_input(f"teacher_cache_{cache.mode}", cache.directory, cache.manifest.key_sha256, "training")
+            tracking.log_input(
+                "corpus_heldout",
+                root / params.paths.prepared / "corpus_heldout.parquet",
+                prepared["fingerprints"]["corpus_heldout"],
+                "evaluation",
+            )
         history = distill(
             student,
             task,

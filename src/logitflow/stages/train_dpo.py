@@ -122,6 +122,7 @@ def _run(params: Params, root: Path, variant: str | None, rank: int) -> dict[str
         ).encode()
     ).hexdigest()[:16]
     checkpoint_dir = root / params.paths.checkpoints / f"train_dpo_{method}_{run_key}"
+    selection_sha256 = hashlib.sha256(selection_file.read_bytes()).hexdigest()
     model = with_lora(policy.model, section.lora).to(device)
     with tracking.start_run(
         params,
@@ -131,7 +132,7 @@ def _run(params: Params, root: Path, variant: str | None, rank: int) -> dict[str
         run_name=f"train_dpo@{method}",
         tags={
             "method": method,
-            "selection_sha256": hashlib.sha256(selection_file.read_bytes()).hexdigest(),
+            "selection_sha256": selection_sha256,
             "policy_weights_sha256": key["policy_weights_sha256"],
             "data_fingerprint_train": key["data_fingerprints"]["train"],
             "data_fingerprint_heldout": key["data_fingerprints"]["heldout"],
@@ -139,6 +140,14 @@ def _run(params: Params, root: Path, variant: str | None, rank: int) -> dict[str
     ) as run:
         if run:
             tracking.log_dict(selection, "selection.json")
+            tracking.log_input(f"selection_{method}", selection_file, selection_sha256, "training")
+            for split in ("train", "heldout"):
+                tracking.log_input(
+                    f"prefs_{split}",
+                    root / params.paths.prepared / f"prefs_{split}.parquet",
+                    key["data_fingerprints"][split],
+                    "training" if split == "train" else "evaluation",
+                )
         history = train_dpo(
             model,
             data,

@@ -95,3 +95,13 @@ def test_topk_from_cache_renormalises_or_keeps_the_tail() -> None:
     assert (ghost.ids[:, -1] == GHOST_ID).all()
     zeros = topk_from_cache(ids[:1], torch.zeros(1, 4), torch.zeros(1), ghost=True)
     assert zeros.probs.abs().sum() == 0
+
+
+def test_angle_and_norm_ratio_by_hand() -> None:
+    from logitflow.ops.grad_fidelity import angle_and_norm_ratio
+
+    angle, ratio = angle_and_norm_ratio(torch.tensor([1.0, 0.0]), torch.tensor([1.0, 1.0]))
+    assert angle == pytest.approx(45.0) and ratio == pytest.approx(2**-0.5)
+    assert angle_and_norm_ratio(torch.tensor([2.0, 2.0]), torch.tensor([1.0, 1.0])) == pytest.approx(
+        (0.0, 2.0), abs=1e-4
+    )
