@@ -2,7 +2,8 @@
 
 (a) gradient fidelity: angle and norm ratio of the student's gradient under RS-KD (N = 30, 50),
     Top-K (k = 12, 50) and Top-K + ghost vs FullKD's (the paper: RS-KD with ~12 unique ids ≈ 4° / 1.0,
-    Top-K 12 ≈ 58° / 2.4, Top-K 50 ≈ 48° / 1.8); the same function as `logitflow grad-fidelity`;
+    Top-K 12 ≈ 58° / 2.4, Top-K 50 ≈ 48° / 1.8); the same function as `logitflow grad-fidelity`, for a
+    fresh student and, when `dvc repro distill` has run, the trained primary student;
 (b) step time of each loss (student forward + backward, optimizer excluded) relative to `ce`:
     `rskd`/`topk` read the caches, `full` runs the teacher every step.
 
@@ -72,7 +73,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3)
     args = parser.parse_args()
     params = load_params(ROOT / "params.yaml")
-    fidelity = gradient_fidelity(params, ROOT, sequences=args.sequences)
+    fidelity = {"fresh_student": gradient_fidelity(params, ROOT, sequences=args.sequences)}
+    trained = ROOT / params.paths.models / f"student_{params.distill.primary}"
+    if trained.is_dir():
+        fidelity[f"trained_{trained.name}"] = gradient_fidelity(
+            params, ROOT, sequences=args.sequences, student_path=trained
+        )
     times = step_times(params, args.sequences, args.steps)
     result = {
         "setup": {
@@ -82,7 +88,7 @@ def main() -> None:
             "max_length": params.data.max_length,
             "precision": params.compute.precision,
         },
-        "gradient_fidelity": [asdict(row) for row in fidelity],
+        "gradient_fidelity": {student: [asdict(row) for row in rows] for student, rows in fidelity.items()},
         "step_seconds": times,
         "step_time_ratio_to_ce": {loss: t / times["ce"] for loss, t in times.items()},
     }

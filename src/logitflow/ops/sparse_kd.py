@@ -149,13 +149,19 @@ def sparse_kd_loss(student_logits: torch.Tensor, targets: SparseTargets, *, temp
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     log_student = torch.log_softmax(student_logits.float() / temperature, dim=-1)
+    return sparse_cross_entropy(log_student, targets) * temperature**2
+
+
+def sparse_cross_entropy(log_probs: torch.Tensor, targets: SparseTargets) -> torch.Tensor:
+    """−Σ_k p_k · log q(id_k) from log-probabilities [..., V] the caller already has (e.g. shared
+    with the real-next-token loss at T = 1), without temperature scaling."""
     ghost = targets.ids == GHOST_ID
-    gathered = log_student.gather(-1, targets.ids.clamp_min(0))
+    gathered = log_probs.gather(-1, targets.ids.clamp_min(0))
     if ghost.any():
         head = torch.logsumexp(gathered.masked_fill(ghost, -torch.inf), dim=-1, keepdim=True)
         log_tail = torch.log((-torch.expm1(head)).clamp_min(torch.finfo(torch.float32).tiny))
         gathered = torch.where(ghost, log_tail, gathered)
-    return -(targets.probs * gathered).sum(-1) * temperature**2
+    return -(targets.probs * gathered).sum(-1)
 
 
 def full_kd_loss(

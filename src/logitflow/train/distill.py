@@ -22,7 +22,13 @@ from logitflow.config import DistillLoss
 from logitflow.data.tokenize import pad_right
 from logitflow.errors import LogitflowError
 from logitflow.ops.lm_metrics import LmMetrics
-from logitflow.ops.sparse_kd import SparseTargets, full_kd_loss, sparse_kd_loss, topk_from_cache
+from logitflow.ops.sparse_kd import (
+    SparseTargets,
+    full_kd_loss,
+    sparse_cross_entropy,
+    sparse_kd_loss,
+    topk_from_cache,
+)
 from logitflow.train.loop import LoopSettings, train
 
 log = logging.getLogger(__name__)
@@ -87,22 +93,23 @@ class DistillTask:
         batch = self.cache.batch(indices, self.pad_id)
         input_ids, attention = batch.input_ids.to(self.device), batch.attention_mask.to(self.device)
         valid_cpu = batch.attention_mask[:, 1:].bool()
-        logits = _valid_logits(model, input_ids, attention)
+        logits = _valid_logits(model, input_ids, attention).float()
         next_ids = input_ids[:, 1:][valid_cpu.to(self.device)]
-        ce = torch.nn.functional.cross_entropy(logits.float(), next_ids, reduction="sum")
+        log_probs = torch.log_softmax(logits, -1)  # shared by CE and, at T = 1, by the KD term
+        ce = -log_probs.gather(-1, next_ids[:, None]).sum()
         loss_name, temperature = self.settings.loss, self.settings.temperature
         if loss_name == "ce":
             kd = torch.zeros((), device=self.device)
-            total = ce
+        elif loss_name == "full":
+            assert self.teacher is not None
+            with torch.no_grad():
+                teacher_logits = _valid_logits(self.teacher, input_ids, attention)
+            kd = full_kd_loss(logits, teacher_logits, temperature=temperature).sum()
+        elif temperature == 1.0:
+            kd = sparse_cross_entropy(log_probs, self._targets(batch, valid_cpu)).sum()
         else:
-            if loss_name == "full":
-                assert self.teacher is not None
-                with torch.no_grad():
-                    teacher_logits = _valid_logits(self.teacher, input_ids, attention)
-                kd = full_kd_loss(logits, teacher_logits, temperature=temperature).sum()
-            else:
-                kd = sparse_kd_loss(logits, self._targets(batch, valid_cpu), temperature=temperature).sum()
-            total = self.settings.alpha * kd + (1 - self.settings.alpha) * ce
+            kd = sparse_kd_loss(logits, self._targets(batch, valid_cpu), temperature=temperature).sum()
+        total = ce if loss_name == "ce" else self.settings.alpha * kd + (1 - self.settings.alpha) * ce
         parts = {
             "loss": total.detach().reshape(1),
             "lm_loss": ce.detach().reshape(1),
