@@ -146,10 +146,12 @@ def log_dict(obj: Mapping[str, Any], artifact_file: str) -> None:
 def log_input(name: str, path: str | os.PathLike[str], digest: str, context: str) -> None:
     """Record a dataset the run read (a cache, a selection, a split) by location and content
     digest, without uploading it: the run's Inputs in the MLflow UI."""
-    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.dataset_source_registry import get_registered_sources, resolve_dataset_source
     from mlflow.data.meta_dataset import MetaDataset
 
-    source = resolve_dataset_source(str(Path(path).resolve()))
+    # MLflow registers its local-file source class twice, which makes plain resolution warn.
+    local = [next(s for s in get_registered_sources() if s.__name__ == "LocalArtifactDatasetSource")]
+    source = resolve_dataset_source(str(Path(path).resolve()), candidate_sources=local)
     mlflow.log_input(MetaDataset(source, name=name, digest=digest[:32]), context=context)
 
 
