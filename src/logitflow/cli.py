@@ -1,4 +1,4 @@
-"""The command line: `logitflow stage NAME`, `logitflow grad-fidelity`, `logitflow params show|apply`."""
+"""The command line: `logitflow stage NAME`, `promote`, `grad-fidelity`, `params show|apply`."""
 
 from __future__ import annotations
 
@@ -111,6 +111,67 @@ def grad_fidelity(
     Console().print(table)
     if json_out is not None:
         atomic_write_json(json_out, [asdict(row) for row in rows])
+
+
+@app.command()
+def promote(
+    model: Annotated[str, typer.Argument(help="policy | student | all")] = "all",
+    version: Annotated[int | None, typer.Option(help="promote this version instead of the challenger")] = None,
+    force: Annotated[bool, typer.Option("--force", help="move champion even if the gate says no")] = False,
+    params: ParamsOption = None,
+) -> None:
+    """Move `champion` to the `challenger` of logitflow-policy / logitflow-student when it wins the
+    gate in params (`promote:`); the decision, values and reason become version tags."""
+    from rich.table import Table
+
+    from logitflow import tracking
+    from logitflow.stages.distill import REGISTERED_STUDENT
+    from logitflow.stages.train_dpo import REGISTERED_POLICY
+
+    names = {"policy": REGISTERED_POLICY, "student": REGISTERED_STUDENT}
+    chosen = list(names) if model == "all" else [model]
+    if any(m not in names for m in chosen):
+        _fail(f"promote: unknown model '{model}' (policy, student or all)")
+    if version is not None and len(chosen) > 1:
+        _fail("promote: --version needs one model (policy or student), not all")
+    try:
+        path = params_path(params)
+        loaded = load_params(path)
+        tracking.configure(loaded, path.resolve().parent)
+    except LogitflowError as err:
+        _fail(str(err))
+    table = Table(title="Promotion")
+    for column in (
+        "model",
+        "challenger",
+        "champion before",
+        "metric",
+        "challenger value",
+        "champion value",
+        "decision",
+    ):
+        table.add_column(column)
+    failures = []
+    for key in chosen:
+        gate = getattr(loaded.promote, key)
+        try:
+            result = tracking.promote(names[key], gate, version=version, force=force)
+        except LogitflowError as err:
+            failures.append(str(err))
+            continue
+        table.add_row(
+            result.name,
+            f"v{result.challenger_version}",
+            f"v{result.champion_version}" if result.champion_version else "-",
+            gate.metric,
+            f"{result.challenger_value:.4g}",
+            "-" if result.champion_value is None else f"{result.champion_value:.4g}",
+            f"{result.decision.outcome}: {result.decision.reason}",
+        )
+    if table.row_count:
+        Console().print(table)
+    if failures:
+        _fail("\n".join(failures))
 
 
 @params_app.command("show")

@@ -352,6 +352,24 @@ class DistillSection(TrainingSection):
         return self
 
 
+class GateSettings(Section):
+    """The promotion gate of one registered model: a metric of the challenger's MLflow run, its
+    direction, the margin by which it must beat the champion, and the floor a first champion must pass."""
+
+    metric: str = Field(min_length=1)
+    direction: Literal["higher", "lower"]
+    margin: float = Field(default=0.0, ge=0.0)
+    floor: float | None = None
+
+
+class PromoteSection(Section):
+    """`logitflow promote`: move each registered model's `champion` alias to its `challenger` when
+    the challenger wins its gate (or when forced)."""
+
+    policy: GateSettings = GateSettings(metric="final/heldout_accuracy", direction="higher", floor=0.5)
+    student: GateSettings = GateSettings(metric="final/heldout_lm_loss", direction="lower", floor=10.0)
+
+
 class Params(Section):
     compute: ComputeSection = ComputeSection()
     models: ModelsSection
@@ -365,6 +383,7 @@ class Params(Section):
     select: SelectSection = SelectSection()
     train_dpo: TrainDpoSection = TrainDpoSection()
     distill: DistillSection = DistillSection()
+    promote: PromoteSection = PromoteSection()
 
 
 # ---------------------------------------------------------------- loading

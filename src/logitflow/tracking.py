@@ -22,8 +22,11 @@ from typing import Any
 import mlflow
 from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH, MAX_PARAMS_TAGS_PER_BATCH
 
-from logitflow.config import Params
+from logitflow.config import GateSettings, Params
+from logitflow.errors import LogitflowError
+from logitflow.promotion import Decision, decide
 
+CHALLENGER, CHAMPION = "challenger", "champion"
 PARENT_RUN_ENV = "LOGITFLOW_PARENT_RUN_ID"
 HOME_ENV = "LOGITFLOW_HOME"
 DVC_TEMP_WORKSPACE = (".dvc", "tmp", "exps")
@@ -187,3 +190,83 @@ def log_transformers_model(
 def set_alias(name: str, version: str | int, alias: str) -> None:
     """Point `models:/<name>@<alias>` at a registered version."""
     mlflow.MlflowClient().set_registered_model_alias(name, alias, str(version))
+
+
+@dataclass(frozen=True)
+class Promotion:
+    name: str
+    challenger_version: str
+    champion_version: str | None  # before the decision
+    challenger_value: float
+    champion_value: float | None
+    decision: Decision
+
+
+def _version(client: mlflow.MlflowClient, name: str, version: int | None) -> Any:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        if version is not None:
+            return client.get_model_version(name, str(version))
+        return client.get_model_version_by_alias(name, CHALLENGER)
+    except MlflowException:
+        pass
+    try:
+        versions = sorted(int(v.version) for v in client.search_model_versions(f"name = '{name}'"))
+    except MlflowException:
+        versions = []
+    if not versions:
+        raise LogitflowError(f"promote: no registered model '{name}' in {mlflow.get_registry_uri()}")
+    if version is not None:
+        raise LogitflowError(f"promote: version {version} of '{name}' does not exist (versions: {versions})")
+    raise LogitflowError(f"promote: '{name}' has no '{CHALLENGER}' alias (versions: {versions}); train one first")
+
+
+def _gate_value(client: mlflow.MlflowClient, name: str, version: Any, metric: str) -> float:
+    metrics = client.get_run(version.run_id).data.metrics
+    if metric not in metrics:
+        raise LogitflowError(
+            f"promote: gate metric '{metric}' is not in run {version.run_id} (version {version.version} of "
+            f"'{name}'); it has: {', '.join(sorted(metrics)) or 'no metrics'}"
+        )
+    return float(metrics[metric])
+
+
+def promote(name: str, gate: GateSettings, *, version: int | None = None, force: bool = False) -> Promotion:
+    """Compare `name`'s challenger (or `version`) with its champion on `gate`; move `champion` when
+    the challenger wins or when forced. The decision, both values and the reason become tags of the
+    challenger version. Every check happens before anything is written."""
+    from mlflow.exceptions import MlflowException
+
+    client = mlflow.MlflowClient()
+    challenger = _version(client, name, version)
+    try:
+        champion = client.get_model_version_by_alias(name, CHAMPION)
+    except MlflowException:
+        champion = None
+    challenger_value = _gate_value(client, name, challenger, gate.metric)
+    champion_value = None if champion is None else _gate_value(client, name, champion, gate.metric)
+    if champion is not None and champion.version == challenger.version:
+        decision = Decision("already_champion", f"version {challenger.version} is already the champion")
+    else:
+        decision = decide(challenger_value, champion_value, gate, force=force)
+    tags = {
+        "decision": decision.outcome,
+        "reason": decision.reason,
+        "metric": gate.metric,
+        "challenger_value": repr(challenger_value),
+        "champion_value": "none" if champion_value is None else repr(champion_value),
+        "champion_version": "none" if champion is None else str(champion.version),
+    }
+    for key, value in tags.items():
+        client.set_model_version_tag(name, str(challenger.version), f"promotion.{key}", value)
+    if decision.promoted:
+        client.set_registered_model_alias(name, CHAMPION, str(challenger.version))
+    return Promotion(
+        name,
+        str(challenger.version),
+        None if champion is None else str(champion.version),
+        challenger_value,
+        champion_value,
+        decision,
+    )

@@ -203,7 +203,7 @@ def _run(params: Params, root: Path, variant: str | None, rank: int) -> dict[str
             student, tokenizer, registered_model_name=REGISTERED_STUDENT if register else None
         )
         if register:
-            tracking.set_alias(REGISTERED_STUDENT, info.registered_model_version, "challenger")
+            tracking.set_alias(REGISTERED_STUDENT, info.registered_model_version, tracking.CHALLENGER)
             metrics["registered_version"] = int(info.registered_model_version)
 
     _write_reports(params, root, loss, history, final, metrics)

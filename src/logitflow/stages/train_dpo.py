@@ -184,7 +184,7 @@ def _run(params: Params, root: Path, variant: str | None, rank: int) -> dict[str
             model, tokenizer, registered_model_name=REGISTERED_POLICY if register else None
         )
         if register:
-            tracking.set_alias(REGISTERED_POLICY, info.registered_model_version, "challenger")
+            tracking.set_alias(REGISTERED_POLICY, info.registered_model_version, tracking.CHALLENGER)
             metrics["registered_version"] = int(info.registered_model_version)
         metrics["mlflow_run_id"] = run.info.run_id
 
