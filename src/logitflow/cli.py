@@ -122,8 +122,6 @@ def promote(
 ) -> None:
     """Move `champion` to the `challenger` of logitflow-policy / logitflow-student when it wins the
     gate in params (`promote:`); the decision, values and reason become version tags."""
-    from rich.table import Table
-
     from logitflow import tracking
     from logitflow.stages.distill import REGISTERED_STUDENT
     from logitflow.stages.train_dpo import REGISTERED_POLICY
@@ -140,17 +138,6 @@ def promote(
         tracking.configure(loaded, path.resolve().parent)
     except LogitflowError as err:
         _fail(str(err))
-    table = Table(title="Promotion")
-    for column in (
-        "model",
-        "challenger",
-        "champion before",
-        "metric",
-        "challenger value",
-        "champion value",
-        "decision",
-    ):
-        table.add_column(column)
     failures = []
     for key in chosen:
         gate = getattr(loaded.promote, key)
@@ -159,17 +146,13 @@ def promote(
         except LogitflowError as err:
             failures.append(str(err))
             continue
-        table.add_row(
-            result.name,
-            f"v{result.challenger_version}",
-            f"v{result.champion_version}" if result.champion_version else "-",
-            gate.metric,
-            f"{result.challenger_value:.4g}",
-            "-" if result.champion_value is None else f"{result.champion_value:.4g}",
-            f"{result.decision.outcome}: {result.decision.reason}",
+        champion = f"champion v{result.champion_version}" if result.champion_version else "no champion"
+        color = "green" if result.decision.promoted else "yellow"
+        typer.echo(
+            f"{result.name}: v{result.challenger_version} ({champion}) -> "
+            + typer.style(result.decision.outcome, fg=color, bold=True)
+            + f": {result.decision.reason}"
         )
-    if table.row_count:
-        Console().print(table)
     if failures:
         _fail("\n".join(failures))
 

@@ -294,6 +294,7 @@ class TrainDpoSection(TrainingSection):
     """The `train_dpo` stage, a DVC matrix over selection methods; the `select.primary` run registers
     its model as `logitflow-policy@challenger`."""
 
+    methods: list[SelectMethod] = Field(default_factory=lambda: ["uniform", "adpo_plus"], min_length=1)
     loss_type: Literal["sigmoid", "robust", "ipo", "hinge"] = "sigmoid"
     label_smoothing: float = Field(default=0.0, ge=0.0, lt=0.5)
     lora: LoraSettings = LoraSettings()
@@ -352,6 +353,16 @@ class DistillSection(TrainingSection):
         return self
 
 
+class EvaluateSection(Section):
+    """The `evaluate` stage: every trained model scored on the same held-out data."""
+
+    generation_prompts: int = Field(default=64, ge=0)  # held-out prompts with an answer key, per policy
+    max_new_tokens: int = Field(default=24, ge=1)
+    speed_prompts: int = Field(default=8, ge=1)  # prompts for the generation tokens/s of students vs teacher
+    speed_new_tokens: int = Field(default=32, ge=1)
+    batch_size: int = Field(default=16, ge=1)
+
+
 class GateSettings(Section):
     """The promotion gate of one registered model: a metric of the challenger's MLflow run, its
     direction, the margin by which it must beat the champion, and the floor a first champion must pass."""
@@ -383,7 +394,17 @@ class Params(Section):
     select: SelectSection = SelectSection()
     train_dpo: TrainDpoSection = TrainDpoSection()
     distill: DistillSection = DistillSection()
+    evaluate: EvaluateSection = EvaluateSection()
     promote: PromoteSection = PromoteSection()
+
+    @model_validator(mode="after")
+    def _primaries_are_trained(self) -> Params:
+        if self.select.primary not in self.train_dpo.methods:
+            raise ValueError(
+                f"select.primary '{self.select.primary}' is not in train_dpo.methods {self.train_dpo.methods}: "
+                "the primary selection would never be trained"
+            )
+        return self
 
 
 # ---------------------------------------------------------------- loading

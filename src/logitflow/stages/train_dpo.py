@@ -43,7 +43,7 @@ def policy_dir(params: Params, root: Path, method: str) -> Path:
     return root / params.paths.models / f"dpo_{method}"
 
 
-def _dpo_data(
+def dpo_data(
     rows: Any, indices: list[int], scores: Any, tokenizer: Any, max_length: int, counter: TruncationCounter
 ) -> DpoData:
     pairs = [
@@ -109,12 +109,12 @@ def _run(params: Params, root: Path, variant: str | None, rank: int) -> dict[str
     train_rows = read_split(params, root, "prefs_train")
     heldout_rows = read_split(params, root, "prefs_heldout")
     picked = [pick["row"] for pick in selection["picks"]]
-    data = _dpo_data(train_rows, picked, train_scores, tokenizer, params.data.max_length, counter)
-    heldout = _dpo_data(
+    data = dpo_data(train_rows, picked, train_scores, tokenizer, params.data.max_length, counter)
+    heldout = dpo_data(
         heldout_rows, list(range(len(heldout_rows))), heldout_scores, tokenizer, params.data.max_length, counter
     )
 
-    settings = DpoSettings(beta=params.dpo.beta, **section.model_dump(exclude={"lora"}))
+    settings = DpoSettings(beta=params.dpo.beta, **section.model_dump(exclude={"lora", "methods"}))
     run_key = hashlib.sha256(
         json.dumps(
             [section.model_dump(), params.dpo.beta, picked, read_model_card(model_dir(params, root, "policy"))],

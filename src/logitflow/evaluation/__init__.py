@@ -1,0 +1,1 @@
+"""Evaluation helpers: greedy generation and answer checking."""
