@@ -1,4 +1,4 @@
-"""The command line: `logitflow stage NAME`, `promote`, `grad-fidelity`, `params show|apply`."""
+"""The command line: `logitflow stage NAME`, `promote`, `report`, `grad-fidelity`, `params show|apply`."""
 
 from __future__ import annotations
 
@@ -155,6 +155,24 @@ def promote(
         )
     if failures:
         _fail("\n".join(failures))
+
+
+@app.command()
+def report(params: ParamsOption = None) -> None:
+    """Write the comparison report (reports/report/index.html + PNGs) and log it to MLflow."""
+    from logitflow import tracking
+    from logitflow.report import build_report
+
+    try:
+        path = params_path(params)
+        loaded = load_params(path)
+        root = path.resolve().parent
+        out = build_report(loaded, root)
+        with tracking.start_run(loaded, root, stage="report", run_name="report"):
+            tracking.log_artifacts(out, "report")
+    except LogitflowError as err:
+        _fail(str(err))
+    typer.echo(f"report: {(out / 'index.html').as_uri()}")
 
 
 @params_app.command("show")

@@ -166,6 +166,10 @@ def log_artifact(path: str | os.PathLike[str], artifact_path: str | None = None)
     mlflow.log_artifact(str(path), artifact_path)
 
 
+def log_artifacts(directory: str | os.PathLike[str], artifact_path: str | None = None) -> None:
+    mlflow.log_artifacts(str(directory), artifact_path)
+
+
 def _pip_requirements() -> list[str]:
     from importlib.metadata import version
 

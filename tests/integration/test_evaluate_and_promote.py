@@ -9,8 +9,10 @@ from pathlib import Path
 
 import mlflow
 import pytest
+from mlflow import MlflowClient
 from typer.testing import CliRunner
 
+from logitflow import tracking
 from logitflow.cli import app
 from logitflow.config import load_params
 from logitflow.stages import STAGES
@@ -67,3 +69,43 @@ def test_evaluate_then_promote_then_load_champions(trained_project: Path) -> Non
     for name in ("logitflow-policy", "logitflow-student"):
         components = mlflow.transformers.load_model(f"models:/{name}@champion", return_type="components")
         assert components["model"].config.vocab_size == len(components["tokenizer"])
+
+
+SECTIONS = (
+    "Held-out quality of each student",
+    "Cache size",
+    "Training curves",
+    "Calibration",
+    "Step time and gradient fidelity (benchmark)",
+    "Information of the selected pairs",
+    "Logit error vs budget (log-linear benchmark)",
+    "DPO at equal budget",
+    "DPO step cost (benchmark)",
+)
+
+
+def test_report_has_every_section_and_says_not_run_where_inputs_are_missing(prepared_project: Path) -> None:
+    result = CliRunner().invoke(app, ["report", "--params", str(prepared_project / "params.yaml")])
+    assert result.exit_code == 0, result.output
+    page = (prepared_project / "reports/report/index.html").read_text()
+    for title in SECTIONS:
+        assert title in page, title
+    assert page.count("not run:") == len(SECTIONS)
+    assert "dvc repro evaluate" in page and "make bench" in page
+
+
+def test_report_after_the_pipeline_draws_what_ran(trained_project: Path) -> None:
+    params = load_params(trained_project / "params.yaml")
+    STAGES["evaluate"](params, trained_project)
+    result = CliRunner().invoke(app, ["report", "--params", str(trained_project / "params.yaml")])
+    assert result.exit_code == 0, result.output
+    out = trained_project / "reports/report"
+    page = (out / "index.html").read_text()
+    assert page.count("not run:") == 3, "only the three benchmark sections are missing"
+    for png in ("distill_curves", "reliability", "logdet_vs_budget"):
+        assert f'src="{png}.png"' in page and (out / f"{png}.png").stat().st_size > 1000
+    assert "<td>rskd</td>" in page and "<td>adpo_plus</td>" in page
+    tracking.configure(params, trained_project)
+    [run] = mlflow.search_runs(filter_string="tags.`logitflow.stage` = 'report'", output_format="list")
+    logged = [a.path for a in MlflowClient().list_artifacts(run.info.run_id, "report")]
+    assert "report/index.html" in logged and "report/reliability.png" in logged
