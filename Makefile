@@ -22,7 +22,7 @@ export DVC_SITE_CACHE_DIR := $(CURDIR)/.cache/dvc-site
 .PHONY: help setup demo test bench lint clean
 
 help:
-	@echo "make demo   set up (.venv, CPU torch, package, offline teacher, DVC) and run the pipeline"
+	@echo "make demo   set up (.venv, CPU torch, package, offline teacher, DVC), run the pipeline, promote, report"
 	@echo "make test   set up if needed and run the test suite"
 	@echo "make bench  run every benchmark in benchmarks/ (needs the demo's models and data)"
 	@echo "make lint   ruff"
@@ -43,6 +43,8 @@ setup: $(STAMP) .dvc/config
 
 demo: setup
 	$(BIN)/dvc repro
+	$(BIN)/logitflow promote all
+	$(BIN)/logitflow report
 
 test: setup
 	$(BIN)/python -m pytest

@@ -37,8 +37,12 @@ def test_dvc_repro_runs_stages_then_reruns_only_what_params_change(dvc_project: 
     assert shown["reports/select/adpo_plus.json"]["data"]["budget"] == 8
     assert shown["reports/cache_teacher_rskd.json"]["data"]["bytes_per_entry"] < 2.0
     assert 0.0 <= shown["reports/train_dpo/adpo_plus.json"]["data"]["heldout_accuracy"] <= 1.0
+    assert shown["reports/distill/rskd.json"]["data"]["registered_version"] == 1
+    evaluated = shown["reports/evaluate.json"]["data"]
+    assert set(evaluated["students"]) == {"teacher", "rskd", "topk", "topk_ghost", "ce"}
+    assert set(evaluated["policies"]) == {"reference", "uniform", "adpo_plus"}
     plots = _dvc(dvc_project, "plots", "show", "--json")
-    assert "logdet_vs_budget" in plots
+    assert "logdet_vs_budget" in plots and "reports/distill/topk_ghost.csv" in plots
 
     # A changed param reruns only the stages that read it.
     set_params(dvc_project, **{"select.seed": 7})
