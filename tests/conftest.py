@@ -45,15 +45,12 @@ def tiny_params(root: Path) -> dict:
     params["cache_teacher"]["topk"]["k"] = 5
     params["score_prefs"].update(batch_pairs=4, pairs_per_shard=16)
     params["select"]["budget"] = 8
-    params["train_dpo"] = {"lr": 1e-3, "batch_size": 4, "epochs": 1, "checkpoint_every": 1}
-    params["distill"] = {
-        "lr": 1e-3,
-        "batch_size": 4,
-        "checkpoint_every": 1,
-        "max_sequences": 8,
-        "eval_sequences": 4,
-        "student": {"num_hidden_layers": 1},
-    }
+    # update, not replace: dvc.yaml templating reads keys such as train_dpo.methods from the file
+    params["train_dpo"].update(lr=1e-3, batch_size=4, grad_accum=1, epochs=1, eval_every=0, checkpoint_every=1)
+    params["distill"].update(
+        lr=1e-3, batch_size=4, grad_accum=1, checkpoint_every=1, eval_every=0, max_sequences=8, eval_sequences=4
+    )
+    params["distill"]["student"] = {"init": "teacher_layers", "num_hidden_layers": 1}
     return params
 
 

@@ -114,3 +114,29 @@ def test_nan_loss_stops_with_a_clear_error_and_keeps_the_checkpoint(tmp_path: Pa
             loaded.model, broken, settings, pad_id=0, device=CPU, autocast=NO_AUTOCAST, checkpoint_dir=tmp_path / "c"
         )
     assert (tmp_path / "c" / "model.safetensors").read_bytes() == saved
+
+
+def test_preference_metrics_by_hand() -> None:
+    from logitflow.train.dpo import _metrics
+
+    parts = [
+        {
+            "losses": torch.tensor([0.5, 1.0]),
+            "chosen_rewards": torch.tensor([0.3, -0.1]),
+            "rejected_rewards": torch.tensor([0.1, 0.2]),
+            "chosen_logps": torch.tensor([-10.0, -12.0]),
+            "rejected_logps": torch.tensor([-11.0, -9.0]),
+        },
+        {
+            "losses": torch.tensor([0.25]),
+            "chosen_rewards": torch.tensor([0.4]),
+            "rejected_rewards": torch.tensor([0.4]),
+            "chosen_logps": torch.tensor([-8.0]),
+            "rejected_logps": torch.tensor([-8.0]),
+        },
+    ]
+    metrics = _metrics(parts)
+    assert metrics["loss"] == pytest.approx(1.75 / 3)
+    assert metrics["rewards/margins"] == pytest.approx((0.2 - 0.3 + 0.0) / 3)
+    assert metrics["rewards/accuracies"] == pytest.approx(1 / 3)  # a tie is not a win
+    assert metrics["logps/chosen"] == pytest.approx(-10.0)
