@@ -2,16 +2,11 @@
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+from tests.helpers.net import free_port
 
 
 def torchrun_logitflow(project: Path, *args: str, processes: int = 2) -> subprocess.CompletedProcess:

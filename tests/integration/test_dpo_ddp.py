@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.helpers.torchrun import free_port
+from tests.helpers.net import free_port
 
 WORKER = Path(__file__).resolve().parents[1] / "helpers" / "dpo_ddp_worker.py"
 
