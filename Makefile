@@ -19,12 +19,13 @@ export PREFECT_HOME := $(CURDIR)/.prefect
 export HF_HOME := $(CURDIR)/.cache/huggingface
 export DVC_SITE_CACHE_DIR := $(CURDIR)/.cache/dvc-site
 
-.PHONY: help setup demo test bench lint clean
+.PHONY: help setup demo test bench ui lint clean
 
 help:
 	@echo "make demo   set up (.venv, CPU torch, package, offline teacher, DVC), run the pipeline, promote, report"
 	@echo "make test   set up if needed and run the test suite"
 	@echo "make bench  run every benchmark in benchmarks/ (needs the demo's models and data)"
+	@echo "make ui     local Prefect + MLflow servers on 127.0.0.1, every flow served as a deployment"
 	@echo "make lint   ruff"
 
 # torch first, pinned to the CPU wheel: a plain `torch` would pull a multi-GB CUDA build.
@@ -52,6 +53,9 @@ test: setup
 bench: setup
 	$(BIN)/dvc repro cache_teacher distill
 	$(BIN)/python benchmarks/run_all.py
+
+ui: setup
+	infra/local-ui.sh
 
 lint: setup
 	$(BIN)/ruff check .

@@ -9,6 +9,7 @@ Runs nest under the run id in `LOGITFLOW_PARENT_RUN_ID` (set by the flows).
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -28,6 +29,7 @@ from logitflow.promotion import Decision, decide
 
 CHALLENGER, CHAMPION = "challenger", "champion"
 PARENT_RUN_ENV = "LOGITFLOW_PARENT_RUN_ID"
+LINEAGE_ENV = "LOGITFLOW_LINEAGE_TAGS"  # JSON tags (flow run id, git commit, DVC experiment) for every stage run
 HOME_ENV = "LOGITFLOW_HOME"
 DVC_TEMP_WORKSPACE = (".dvc", "tmp", "exps")
 MAX_PARAM_KEY_LENGTH = 250
@@ -101,7 +103,8 @@ def start_run(
         return
     configure(params, project_root)
     parent = os.environ.get(PARENT_RUN_ENV) or None
-    all_tags = {"logitflow.stage": stage, **(tags or {})}
+    lineage = json.loads(os.environ.get(LINEAGE_ENV) or "{}")
+    all_tags = {"logitflow.stage": stage, **lineage, **(tags or {})}
     with mlflow.start_run(run_name=run_name or stage, parent_run_id=parent, tags=all_tags) as run:
         log_params(flatten_params(params.model_dump(mode="json")))
         yield run
