@@ -50,3 +50,21 @@ def test_dvc_repro_runs_stages_then_reruns_only_what_params_change(dvc_project: 
     assert "Running stage 'select@uniform'" in out
     for untouched in ("prepare", "models", "cache_teacher@rskd", "score_prefs"):
         assert f"Running stage '{untouched}'" not in out
+
+    # The results travel through a directory remote: another clone pulls data, caches and models.
+    remote, clone = dvc_project.parent / "remote", dvc_project.parent / "clone"
+    _dvc(dvc_project, "remote", "add", "-d", "-f", "local", str(remote))
+    _dvc(dvc_project, "push")
+    git = lambda *args, cwd=dvc_project: subprocess.run(["git", *args], cwd=cwd, check=True, capture_output=True)  # noqa: E731
+    git("add", "-A")
+    git("commit", "-qm", "pipeline results")
+    git("clone", "-q", str(dvc_project), str(clone), cwd=dvc_project.parent)
+    (clone / ".venv").symlink_to(REPO / ".venv")
+    _dvc(clone, "pull")
+    for path in (
+        "models/student_rskd/model.safetensors",
+        "cache/teacher_rskd/manifest.json",
+        "data/selections/adpo_plus.json",
+    ):
+        assert (clone / path).read_bytes() == (dvc_project / path).read_bytes(), path
+    assert "Data and pipelines are up to date" in _dvc(clone, "status")
