@@ -137,3 +137,19 @@ def distill_flow(project: str = ".") -> list[str]:
 
 
 FLOWS = (pipeline, cache_teacher_flow, select_flow, train_dpo_flow, distill_flow)
+
+
+def main() -> None:
+    """`python -m flows.pipeline [--overlay params/smoke.yaml]`: the pipeline flow from a shell (a
+    temporary Prefect server starts when no PREFECT_API_URL is set). An overlay runs as a DVC experiment."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("--overlay", action="append", default=[], help="params overlay(s) to run as an experiment")
+    args = parser.parse_args()
+    params = load_params("params.yaml", overlays=args.overlay) if args.overlay else None
+    pipeline(params=params)
+
+
+if __name__ == "__main__":
+    main()
