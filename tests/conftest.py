@@ -103,6 +103,7 @@ def dvc_project(tmp_path: Path) -> Path:
     for name in ("dvc.yaml", ".gitignore"):
         shutil.copy(REPO / name, root / name)
     shutil.copytree(REPO / "src", root / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    shutil.copytree(REPO / "bin", root / "bin")
     (root / "params.yaml").write_text(yaml.safe_dump(tiny_params(root), sort_keys=False))
     (root / ".venv").symlink_to(REPO / ".venv")
     with (root / ".gitignore").open("a") as gitignore:
