@@ -98,6 +98,7 @@ def registry(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest
     )
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
+    mlflow.set_experiment("promotion-test")  # not an experiment id left active by an earlier test's store
     client = MlflowClient()
     name = f"m{uuid.uuid4().hex[:8]}"  # the server outlives one test
     client.create_registered_model(name)
