@@ -42,7 +42,8 @@ def _stage_task(stage: str):
 
 @task(task_run_name="experiment {name}")
 def run_experiment(name: str, overrides: dict[str, Any], project: str, env: dict[str, str]) -> str:
-    sets = [arg for key, value in overrides.items() for arg in ("-S", f"{key}={json.dumps(value)}")]
+    # `++`: set the key whether or not params.yaml spells it out (it may rely on a default)
+    sets = [arg for key, value in overrides.items() for arg in ("-S", f"++{key}={json.dumps(value)}")]
     run_logged([str(BIN / "dvc"), "exp", "run", "--temp", "--name", name, *sets], Path(project), env)
     return name
 
@@ -58,12 +59,13 @@ def write_report(project: str, env: dict[str, str]) -> None:
 
 
 def changed_params(defaults: Mapping[str, Any], requested: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """Dotted keys whose requested value differs from params.yaml's (lists compare whole)."""
+    """Dotted leaf keys whose requested value differs from params.yaml's (lists compare whole): DVC's
+    `-S` takes Hydra overrides, which set leaves, not JSON mappings."""
     changed: dict[str, Any] = {}
     for key, value in requested.items():
         default = defaults.get(key)
-        if isinstance(value, Mapping) and isinstance(default, Mapping):
-            changed |= changed_params(default, value, f"{prefix}{key}.")
+        if isinstance(value, Mapping):
+            changed |= changed_params(default if isinstance(default, Mapping) else {}, value, f"{prefix}{key}.")
         elif value != default:
             changed[f"{prefix}{key}"] = value
     return changed

@@ -3,6 +3,7 @@
 A challenger wins when it beats the champion's gate metric by more than the margin in the gate's
 direction; a tie or a smaller gain keeps the champion. With no champion yet, the challenger must
 pass the absolute floor (at least `floor` for higher-is-better, at most `floor` for lower-is-better).
+Values measured on different held-out data (or with another tokenizer) are never compared.
 """
 
 from __future__ import annotations
@@ -26,12 +27,22 @@ class Decision:
         return self.outcome == "promoted"
 
 
-def decide(challenger: float, champion: float | None, gate: GateSettings, *, force: bool = False) -> Decision:
+def decide(
+    challenger: float, champion: float | None, gate: GateSettings, *, comparable: bool = True, force: bool = False
+) -> Decision:
+    """`comparable`: both values were measured on the same held-out data with the same tokenizer
+    (a loss on other data or another vocabulary says nothing about which model is better)."""
     metric, higher = gate.metric, gate.direction == "higher"
     if force:
         return Decision("promoted", f"forced (challenger {metric} = {challenger:.6g})")
     if math.isnan(challenger):
         return Decision("rejected", f"challenger {metric} is NaN")
+    if champion is not None and not comparable:
+        return Decision(
+            "rejected",
+            f"not comparable: challenger and champion were evaluated on different held-out data or tokenizers "
+            f"({metric} {challenger:.6g} vs {champion:.6g}); use --force to promote anyway",
+        )
     if champion is None:
         if gate.floor is None:
             return Decision("promoted", f"no champion yet and no floor set; {metric} = {challenger:.6g}")

@@ -28,6 +28,7 @@ from logitflow.errors import LogitflowError
 from logitflow.promotion import Decision, decide
 
 CHALLENGER, CHAMPION = "challenger", "champion"
+HELDOUT_TAG = "logitflow.heldout_key"  # what a run's held-out metrics were measured on; gates compare equal keys
 PARENT_RUN_ENV = "LOGITFLOW_PARENT_RUN_ID"
 LINEAGE_ENV = "LOGITFLOW_LINEAGE_TAGS"  # JSON tags (flow run id, git commit, DVC experiment) for every stage run
 HOME_ENV = "LOGITFLOW_HOME"
@@ -256,7 +257,10 @@ def promote(name: str, gate: GateSettings, *, version: int | None = None, force:
     if champion is not None and champion.version == challenger.version:
         decision = Decision("already_champion", f"version {challenger.version} is already the champion")
     else:
-        decision = decide(challenger_value, champion_value, gate, force=force)
+        keys = [
+            None if v is None else client.get_run(v.run_id).data.tags.get(HELDOUT_TAG) for v in (challenger, champion)
+        ]
+        decision = decide(challenger_value, champion_value, gate, comparable=keys[0] == keys[1], force=force)
     tags = {
         "decision": decision.outcome,
         "reason": decision.reason,

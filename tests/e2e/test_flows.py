@@ -36,6 +36,7 @@ def test_changed_params_are_dotted_leaves() -> None:
     defaults = {"a": {"b": 1, "c": [1, 2]}, "d": "x"}
     assert changed_params(defaults, {"a": {"b": 1, "c": [1, 3]}, "d": "y"}) == {"a.c": [1, 3], "d": "y"}
     assert changed_params(defaults, defaults) == {}
+    assert changed_params({"m": None}, {"m": {"n": {"o": 1}}}) == {"m.n.o": 1}, "mappings become leaves"
 
 
 @pytest.mark.slow

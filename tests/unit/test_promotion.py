@@ -50,6 +50,12 @@ def test_forced_promotes_a_loser() -> None:
     assert decide(0.1, 0.9, HIGHER, force=True).outcome == "promoted"
 
 
+def test_values_from_different_heldout_data_are_not_compared() -> None:
+    decision = decide(0.9, 0.1, HIGHER, comparable=False)
+    assert decision.outcome == "rejected" and "not comparable" in decision.reason
+    assert decide(0.9, 0.1, HIGHER, comparable=False, force=True).promoted
+
+
 @pytest.fixture(scope="module")
 def mlflow_server(tmp_path_factory: pytest.TempPathFactory):
     """A real `mlflow server` (one worker) on 127.0.0.1, as a team would run it."""
@@ -98,14 +104,16 @@ def registry(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest
     )
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
-    mlflow.set_experiment("promotion-test")  # not an experiment id left active by an earlier test's store
     client = MlflowClient()
     name = f"m{uuid.uuid4().hex[:8]}"  # the server outlives one test
+    # Its own experiment: not one left active by an earlier test, and no ./mlruns in the working directory.
+    artifacts = (tmp_path / "artifacts").as_uri() if request.param == "sqlite" else None
+    mlflow.set_experiment(experiment_id=client.create_experiment(name, artifact_location=artifacts))
     client.create_registered_model(name)
     (tmp_path / "model.txt").write_text("weights")
 
-    def add_version(metrics: dict[str, float], alias: str | None = "challenger") -> str:
-        with mlflow.start_run() as run:
+    def add_version(metrics: dict[str, float], alias: str | None = "challenger", heldout: str = "same") -> str:
+        with mlflow.start_run(tags={tracking.HELDOUT_TAG: heldout}) as run:
             mlflow.log_metrics(metrics)
             mlflow.log_artifact(str(tmp_path / "model.txt"), "model")
         source = f"{run.info.artifact_uri}/model"
@@ -141,6 +149,12 @@ def test_gate_against_a_registry(registry) -> None:
     tags = client.get_model_version(m, third).tags
     assert tags["promotion.champion_value"] == "0.6" and tags["promotion.champion_version"] == second
 
+    other_data = add_version({"acc": 0.99}, heldout="other")
+    result = tracking.promote(m, HIGHER)
+    assert result.decision.outcome == "rejected" and "not comparable" in result.decision.reason
+    assert _aliases(client, m)["champion"] == second
+    client.set_registered_model_alias(m, "challenger", third)
+    assert other_data != third
     assert tracking.promote(m, HIGHER, force=True).decision.outcome == "promoted"
     assert _aliases(client, m)["champion"] == third
     assert tracking.promote(m, HIGHER, version=int(first), force=True).challenger_version == first

@@ -153,6 +153,11 @@ def _run(params: Params, root: Path, variant: str | None, rank: int) -> dict[str
             "cache_key_sha256": cache.manifest.key_sha256,
             "teacher_weights_sha256": str(card["weights_sha256"]),
             "data_fingerprint_heldout": prepared["fingerprints"]["corpus_heldout"],
+            tracking.HELDOUT_TAG: hashlib.sha256(
+                json.dumps(
+                    [prepared["fingerprints"]["corpus_heldout"], card["tokenizer_sha256"], heldout], sort_keys=True
+                ).encode()
+            ).hexdigest()[:16],
         },
     ) as run:
         if run:

@@ -136,6 +136,9 @@ def _run(params: Params, root: Path, variant: str | None, rank: int) -> dict[str
             "policy_weights_sha256": key["policy_weights_sha256"],
             "data_fingerprint_train": key["data_fingerprints"]["train"],
             "data_fingerprint_heldout": key["data_fingerprints"]["heldout"],
+            tracking.HELDOUT_TAG: hashlib.sha256(
+                json.dumps([key, params.dpo.beta, section.loss_type], sort_keys=True).encode()
+            ).hexdigest()[:16],
         },
     ) as run:
         if run:
