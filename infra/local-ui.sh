@@ -4,6 +4,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=.venv/bin
+# the same homes and switches as the Makefile (flow runs of `make demo` then show in this UI)
+export PREFECT_HOME=${PREFECT_HOME:-$PWD/.prefect} HF_HOME=${HF_HOME:-$PWD/.cache/huggingface}
+export MLFLOW_DISABLE_TELEMETRY=true DO_NOT_TRACK=true PREFECT_SERVER_ANALYTICS_ENABLED=false DVC_NO_ANALYTICS=1
+export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
 PREFECT_PORT=${PREFECT_PORT:-4200}
 MLFLOW_PORT=${MLFLOW_PORT:-5000}
 mkdir -p .prefect .mlflow/artifacts
