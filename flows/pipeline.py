@@ -75,12 +75,13 @@ def changed_params(defaults: Mapping[str, Any], requested: Mapping[str, Any], pr
 def lineage(params: Params, root: Path, flow_name: str, experiment: str) -> Iterator[dict[str, str]]:
     """One MLflow parent run for this flow run; yields the environment that nests stage runs under it."""
     tags = {
+        "logitflow.flow": flow_name,
         "prefect.flow_run_id": str(flow_run.id or "none"),
         "prefect.flow_run_name": str(flow_run.name or "none"),
         "git.commit": git_commit(root),
         "dvc.experiment": experiment,
     }
-    with tracking.start_run(params, root, stage=flow_name, run_name=f"{flow_name} {flow_run.name}", tags=tags) as run:
+    with tracking.start_run(params, root, stage="flow", run_name=f"{flow_name} {flow_run.name}", tags=tags) as run:
         assert run is not None
         yield {tracking.PARENT_RUN_ENV: run.info.run_id, tracking.LINEAGE_ENV: json.dumps(tags)}
 

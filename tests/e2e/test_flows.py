@@ -12,7 +12,7 @@ import mlflow
 import pytest
 from prefect.testing.utilities import prefect_test_harness
 
-from flows.pipeline import changed_params, pipeline
+from flows.pipeline import changed_params, distill_flow, pipeline, select_flow
 from logitflow import tracking
 from logitflow.config import load_params
 
@@ -48,14 +48,23 @@ def test_pipeline_flow_then_dvc_agrees_and_mlflow_has_the_lineage(prefect_server
     assert "Data and pipelines are up to date" in _dvc(dvc_project, "status")
     assert "Running stage" not in _dvc(dvc_project, "repro")
     assert (dvc_project / "reports/report/index.html").is_file()
+    assert distill_flow(project=str(dvc_project)) == [
+        f"distill@{loss}" for loss in ("rskd", "topk", "topk_ghost", "ce")
+    ]
+    assert select_flow(project=str(dvc_project)) == [f"select@{m}" for m in ("uniform", "apo", "adpo", "adpo_plus")]
+    assert "Data and pipelines are up to date" in _dvc(dvc_project, "status"), "family flows rerun nothing"
 
     params = load_params(dvc_project / "params.yaml")
     tracking.configure(params, dvc_project)
-    [parent] = mlflow.search_runs(filter_string="tags.`logitflow.stage` = 'pipeline'", output_format="list")
+    flow_runs = "tags.`logitflow.stage` = 'flow' and tags.`logitflow.flow` = '{}'"
+    [parent] = mlflow.search_runs(filter_string=flow_runs.format("pipeline"), output_format="list")
+    [family] = mlflow.search_runs(filter_string=flow_runs.format("distill"), output_format="list")
+    assert family.info.run_id != parent.info.run_id
     children = mlflow.search_runs(
         filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'", output_format="list"
     )
     stages = {run.data.tags["logitflow.stage"] for run in children}
+    assert all(run.data.tags["logitflow.flow"] == "pipeline" for run in children)
     assert {"cache_teacher", "select", "train_dpo", "distill", "evaluate", "report"} <= stages
     commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=dvc_project, capture_output=True, text=True).stdout
     for run in [parent, *children]:
