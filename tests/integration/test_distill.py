@@ -19,7 +19,7 @@ from logitflow.config import load_params
 from logitflow.stages import cache_teacher, distill, models
 from logitflow.student import build_student
 from logitflow.train.distill import LOSSES, DistillSettings, DistillTask
-from logitflow.train.distill import distill as train_student
+from logitflow.train.loop import train
 from tests.conftest import set_params
 from tests.helpers.torchrun import torchrun_logitflow
 
@@ -88,8 +88,14 @@ def test_interrupted_distillation_resumes_on_the_same_trajectory(cached_project:
     def run(checkpoints: Path, max_steps: int | None = None) -> list[dict]:
         student = build_student(teacher, params.distill.student, seed=0)
         task = DistillTask(cache, settings, pad_id=0, device=CPU, max_sequences=8)
-        return train_student(
-            student, task, settings, autocast=contextlib.nullcontext, checkpoint_dir=checkpoints, max_steps=max_steps
+        return train(
+            student,
+            task,
+            settings,
+            name="distill@rskd",
+            autocast=contextlib.nullcontext,
+            checkpoint_dir=checkpoints,
+            max_steps=max_steps,
         )
 
     full = run(tmp_path / "a")

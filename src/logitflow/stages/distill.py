@@ -36,7 +36,8 @@ from logitflow.stages.cache_teacher import cache_dir
 from logitflow.stages.models import model_dir
 from logitflow.stages.prepare import REPORT_FILE, read_split
 from logitflow.student import build_student
-from logitflow.train.distill import CACHE_MODE, LOSSES, DistillSettings, DistillTask, distill, evaluate_student
+from logitflow.train.distill import CACHE_MODE, LOSSES, DistillSettings, DistillTask, evaluate_student
+from logitflow.train.loop import train
 
 log = logging.getLogger(__name__)
 REGISTERED_STUDENT = "logitflow-student"
@@ -169,10 +170,11 @@ def _run(params: Params, root: Path, variant: str | None, rank: int) -> dict[str
                 prepared["fingerprints"]["corpus_heldout"],
                 "evaluation",
             )
-        history = distill(
+        history = train(
             student,
             task,
             settings,
+            name=f"distill@{loss}",
             autocast=amp,
             checkpoint_dir=checkpoint_dir,
             evaluate=evaluate,

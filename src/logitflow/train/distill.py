@@ -12,7 +12,6 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, get_args
 
 import torch
@@ -29,7 +28,7 @@ from logitflow.ops.sparse_kd import (
     sparse_kd_loss,
     topk_from_cache,
 )
-from logitflow.train.loop import LoopSettings, train
+from logitflow.train.loop import LoopSettings
 
 log = logging.getLogger(__name__)
 LOSSES: tuple[str, ...] = get_args(DistillLoss)
@@ -150,28 +149,3 @@ def evaluate_student(
         metrics.add(logits, next_ids, teacher_logits)
     student.train(was_training)
     return metrics
-
-
-def distill(
-    student: torch.nn.Module,
-    task: DistillTask,
-    settings: DistillSettings,
-    *,
-    autocast: Callable[[], Any],
-    checkpoint_dir: Path,
-    evaluate: Callable[[torch.nn.Module], dict[str, float]] | None = None,
-    on_metrics: Callable[[dict[str, float], int], None] = lambda metrics, step: None,
-    max_steps: int | None = None,
-) -> list[dict[str, float]]:
-    """Train `student` in place (see `train.loop.train`); returns the per-step history."""
-    return train(
-        student,
-        task,
-        settings,
-        name=f"distill@{settings.loss}",
-        autocast=autocast,
-        checkpoint_dir=checkpoint_dir,
-        evaluate=evaluate,
-        on_metrics=on_metrics,
-        max_steps=max_steps,
-    )
