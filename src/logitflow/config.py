@@ -31,6 +31,14 @@ class Section(BaseModel):
 # ---------------------------------------------------------------- shared sections
 
 
+class RayTaskSettings(Section):
+    """Resources and retries of one scoring shard as a Ray task."""
+
+    num_cpus: float = Field(default=1.0, ge=0.0)
+    num_gpus: float = Field(default=0.0, ge=0.0)
+    max_retries: int = Field(default=2, ge=0)  # a shard lost with its worker is recomputed this often
+
+
 class ComputeSection(Section):
     """Where and how tensors are computed."""
 
@@ -39,6 +47,12 @@ class ComputeSection(Section):
     precision: Literal["fp32", "bf16"] = "bf16"
     threads: int | None = Field(default=None, ge=1, le=512)
     seed: int = Field(default=0, ge=0)
+    # Scoring passes (cache_teacher, score_prefs): null runs shards in this process; `local` starts a
+    # local Ray instance; `auto` or `ray://head:10001` joins an existing cluster.
+    ray: str | None = Field(default=None, min_length=1)
+    ray_task: RayTaskSettings = RayTaskSettings()
+    # Training under torchrun: replicate the model (ddp) or shard it (fsdp).
+    distributed: Literal["ddp", "fsdp"] = "ddp"
 
 
 class TinyModelConfig(Section):
