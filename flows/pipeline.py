@@ -41,10 +41,14 @@ def _stage_task(stage: str):
 
 
 @task(task_run_name="experiment {name}")
-def run_experiment(name: str, overrides: dict[str, Any], project: str, env: dict[str, str]) -> str:
+def run_experiment(
+    name: str, overrides: dict[str, Any], project: str, env: dict[str, str], targets: list[str] | None = None
+) -> str:
+    """`dvc exp run --temp` with params overrides, of every stage or of `targets` and their upstream."""
     # `++`: set the key whether or not params.yaml spells it out (it may rely on a default)
     sets = [arg for key, value in overrides.items() for arg in ("-S", f"++{key}={json.dumps(value)}")]
-    run_logged([str(BIN / "dvc"), "exp", "run", "--temp", "--name", name, *sets], Path(project), env)
+    command = [str(BIN / "dvc"), "exp", "run", "--temp", "--name", name, *sets, *(targets or [])]
+    run_logged(command, Path(project), env)
     return name
 
 

@@ -150,6 +150,8 @@ class PathsSection(Section):
     selections: str = "data/selections"
     checkpoints: str = "checkpoints"
     mlflow: str = ".mlflow"
+    pool: str = "data/pool"
+    feedback: str = "data/feedback"
 
 
 # ---------------------------------------------------------------- stage sections
@@ -377,6 +379,32 @@ class EvaluateSection(Section):
     batch_size: int = Field(default=16, ge=1)
 
 
+class DemoPoolSettings(Section):
+    """The demo pool: prompts of the prepared train split, two responses sampled from the policy each."""
+
+    prompts: int = Field(default=128, ge=1)
+    max_new_tokens: int = Field(default=48, ge=1)
+    temperature: float = Field(default=1.0, gt=0.0, le=10.0)
+    top_p: float = Field(default=0.95, gt=0.0, le=1.0)
+    batch_size: int = Field(default=16, ge=1)
+    seed: int = Field(default=0, ge=0)
+
+
+class FeedbackSection(Section):
+    """The `pool` stage (an unlabelled pair pool) and the `feedback` flow (online ADPO: a person
+    labels the pair the policy learns most from, one question at a time). The design reuses
+    `dpo.beta` and `select`'s gamma_rel, alpha and l2."""
+
+    pool: DataSource = DataSource(type="demo")
+    on_bad_rows: Literal["error", "skip"] = "error"
+    demo: DemoPoolSettings = DemoPoolSettings()
+    # Labels live in <paths.feedback>/<session>/: a new name starts a new labelling campaign.
+    session: str = Field(default="default", pattern=r"^[a-z0-9][a-z0-9_-]{0,63}$")
+    budget: int = Field(default=32, ge=1)  # labels (a or b) per session; skips do not count
+    question_timeout_s: int = Field(default=86_400, ge=1)  # no answer by then: the session ends, labels kept
+    poll_interval_s: float = Field(default=2.0, gt=0.0, le=600.0)
+
+
 class GateSettings(Section):
     """The promotion gate of one registered model: a metric of the challenger's MLflow run, its
     direction, the margin by which it must beat the champion, and the floor a first champion must pass."""
@@ -409,6 +437,7 @@ class Params(Section):
     train_dpo: TrainDpoSection = TrainDpoSection()
     distill: DistillSection = DistillSection()
     evaluate: EvaluateSection = EvaluateSection()
+    feedback: FeedbackSection = FeedbackSection()
     promote: PromoteSection = PromoteSection()
 
     @model_validator(mode="after")

@@ -95,20 +95,34 @@ def start_run(
     run_name: str | None = None,
     tags: Mapping[str, str] | None = None,
     enabled: bool = True,
+    resume_run_id: str | None = None,
 ) -> Iterator[mlflow.ActiveRun | None]:
     """An MLflow run for one stage, with every param logged (flattened), nested under the parent
-    run named by the environment when there is one. Not enabled (e.g. torchrun ranks other than
-    0): yields None and touches nothing."""
+    run named by the environment when there is one. `resume_run_id` continues an earlier run (its
+    params stay as first logged). Not enabled (e.g. torchrun ranks other than 0): yields None and
+    touches nothing."""
     if not enabled:
         yield None
         return
     configure(params, project_root)
+    if resume_run_id and _run_exists(resume_run_id):
+        with mlflow.start_run(run_id=resume_run_id, tags=dict(tags or {})) as run:
+            yield run
+        return
     parent = os.environ.get(PARENT_RUN_ENV) or None
     lineage = json.loads(os.environ.get(LINEAGE_ENV) or "{}")
     all_tags = {"logitflow.stage": stage, **lineage, **(tags or {})}
     with mlflow.start_run(run_name=run_name or stage, parent_run_id=parent, tags=all_tags) as run:
         log_params(flatten_params(params.model_dump(mode="json")))
         yield run
+
+
+def _run_exists(run_id: str) -> bool:
+    try:
+        mlflow.MlflowClient().get_run(run_id)
+    except mlflow.exceptions.MlflowException:
+        return False  # e.g. the store was reset: the session starts a new run
+    return True
 
 
 def flatten_params(tree: Mapping[str, Any], prefix: str = "") -> dict[str, str]:

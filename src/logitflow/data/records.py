@@ -1,8 +1,9 @@
 """Reading raw records from local files (jsonl/json/csv/parquet) or a hub dataset.
 
 Text formats are read here line by line so a bad row (undecodable bytes, broken JSON) is named
-by its line; parquet goes through pyarrow and hub datasets through `datasets`. Every record keeps
-where it came from (`origin`, `row`) so validation errors can point at it.
+by its line; parquet goes through pyarrow and hub datasets through `datasets`. JSON Lines and
+parquet are streamed, so a file larger than memory can be read. Every record keeps where it came
+from (`origin`, `row`) so validation errors can point at it.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import csv
 import io
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -53,17 +54,19 @@ def read_records(source: DataSource, base_dir: str | os.PathLike[str] = ".") -> 
     if kind == "parquet":
         yield from _read_parquet(path, origin)
         return
-    data = path.read_bytes()
     if kind == "jsonl":
-        yield from _read_jsonl(data, origin)
-    elif kind == "json":
+        with path.open("rb") as lines:  # streamed: a file larger than memory is read line by line
+            yield from _read_jsonl(lines, origin)
+        return
+    data = path.read_bytes()
+    if kind == "json":
         yield from _read_json(data, origin)
     else:
         yield from _read_csv(data, origin)
 
 
-def _read_jsonl(data: bytes, origin: str) -> Iterator[RawRecord]:
-    for line_number, line in enumerate(data.split(b"\n"), start=1):
+def _read_jsonl(lines: Iterable[bytes], origin: str) -> Iterator[RawRecord]:
+    for line_number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         try:
@@ -96,7 +99,7 @@ def _read_json(data: bytes, origin: str) -> Iterator[RawRecord]:
         value = json.loads(text)
     except json.JSONDecodeError:
         # Like `datasets`, accept JSON Lines saved under a .json name.
-        yield from _read_jsonl(data, origin)
+        yield from _read_jsonl(data.split(b"\n"), origin)
         return
     if isinstance(value, dict) and len(value) == 1 and isinstance(next(iter(value.values())), list):
         value = next(iter(value.values()))  # {"data": [...]} layout
@@ -123,11 +126,14 @@ def _read_parquet(path: Path, origin: str) -> Iterator[RawRecord]:
     import pyarrow.parquet as pq
 
     try:
-        table = pq.read_table(path)
+        parquet = pq.ParquetFile(path)
     except Exception as err:  # pyarrow raises several unrelated types for a broken file
         raise DataError(f"{origin}: not a readable parquet file: {err}") from None
-    for index, item in enumerate(table.to_pylist(), start=1):
-        yield RawRecord(origin, index, item)
+    index = 0
+    for batch in parquet.iter_batches(batch_size=1024):  # streamed, one record batch at a time
+        for item in batch.to_pylist():
+            index += 1
+            yield RawRecord(origin, index, item)
 
 
 def _read_hub(source: DataSource) -> Iterator[RawRecord]:

@@ -16,7 +16,7 @@ in the `BadRows` report; it is never dropped silently.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -56,25 +56,37 @@ class BadRows:
         return {"total": self.total, "by_reason": dict(sorted(self.counts.items())), "examples": self.examples}
 
 
+def iter_valid_records(
+    records: Iterable[RawRecord],
+    normalise: Callable[[dict[str, Any], RawRecord], dict[str, Any]],
+    on_bad_rows: Literal["error", "skip"],
+    bad_rows: BadRows,
+    setting: str = "prepare.on_bad_rows",
+) -> Iterator[tuple[RawRecord, dict[str, Any]]]:
+    """(record, normal-form row) for every good record, one at a time; `setting` is the params key
+    that lets bad rows be skipped (named in the error)."""
+    for record in records:
+        try:
+            if record.problem is not None:
+                raise BadRow(None, record.problem)
+            assert record.value is not None
+            row = normalise(record.value, record)
+        except BadRow as bad:
+            where = record.where(bad.field)
+            if on_bad_rows == "error":
+                raise DataError(f"{where}: {bad.reason} (set {setting}: skip to skip such rows)") from None
+            bad_rows.add(where, bad.reason)
+            continue
+        yield record, row
+
+
 def validate_records(
     records: Iterable[RawRecord],
     normalise: Callable[[dict[str, Any], RawRecord], dict[str, Any]],
     on_bad_rows: Literal["error", "skip"],
     bad_rows: BadRows,
 ) -> list[dict[str, Any]]:
-    rows = []
-    for record in records:
-        try:
-            if record.problem is not None:
-                raise BadRow(None, record.problem)
-            assert record.value is not None
-            rows.append(normalise(record.value, record))
-        except BadRow as bad:
-            where = record.where(bad.field)
-            if on_bad_rows == "error":
-                raise DataError(f"{where}: {bad.reason} (set prepare.on_bad_rows: skip to skip such rows)") from None
-            bad_rows.add(where, bad.reason)
-    return rows
+    return [row for _, row in iter_valid_records(records, normalise, on_bad_rows, bad_rows)]
 
 
 # ---------------------------------------------------------------- field checks

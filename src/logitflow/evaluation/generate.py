@@ -1,4 +1,5 @@
-"""Batched greedy generation from chat prompts, with the count of generated tokens and the time."""
+"""Batched generation from chat prompts (greedy, or sampled with a seed), with the count of
+generated tokens and the time."""
 
 from __future__ import annotations
 
@@ -7,6 +8,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+
+
+@dataclass(frozen=True)
+class Sampling:
+    temperature: float
+    top_p: float
+    seed: int
 
 
 @dataclass(frozen=True)
@@ -21,7 +29,7 @@ class Generations:
 
 
 @torch.no_grad()
-def greedy_generate(
+def generate(
     model: Any,
     tokenizer: Any,
     prompts: list[list[dict[str, str]]],
@@ -30,9 +38,16 @@ def greedy_generate(
     batch_size: int,
     device: torch.device,
     autocast: Any,
+    sampling: Sampling | None = None,
 ) -> Generations:
-    """Greedy continuations of chat prompts (left-padded batches); `autocast` is a context factory."""
+    """Continuations of chat prompts (left-padded batches): greedy, or drawn with `sampling`'s
+    temperature and top-p from a generator seeded once (the same seed, the same texts on CPU).
+    `autocast` is a context factory."""
     model.eval()
+    decoding: dict[str, Any] = {"do_sample": False, "top_p": None, "top_k": None}
+    if sampling is not None:
+        torch.manual_seed(sampling.seed)
+        decoding = {"do_sample": True, "temperature": sampling.temperature, "top_p": sampling.top_p, "top_k": None}
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     texts, new_tokens, seconds = [], 0, 0.0
     side = tokenizer.padding_side
@@ -51,10 +66,8 @@ def greedy_generate(
                 output = model.generate(
                     **inputs,
                     max_new_tokens=max_new_tokens,
-                    do_sample=False,
                     pad_token_id=pad_id,
-                    top_p=None,
-                    top_k=None,
+                    **decoding,
                 )
             if device.type == "cuda":
                 torch.cuda.synchronize()

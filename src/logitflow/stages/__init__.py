@@ -11,7 +11,17 @@ from typing import Any
 from logitflow.config import Params
 from logitflow.errors import LogitflowError
 from logitflow.ops.active_dpo import METHODS as SELECT_METHODS
-from logitflow.stages import cache_teacher, distill, evaluate, models, prepare, score_prefs, select, train_dpo
+from logitflow.stages import (
+    cache_teacher,
+    distill,
+    evaluate,
+    models,
+    pool,
+    prepare,
+    score_prefs,
+    select,
+    train_dpo,
+)
 from logitflow.train.distill import LOSSES as DISTILL_LOSSES
 
 
@@ -37,4 +47,5 @@ STAGES: dict[str, Stage] = {
     "train_dpo": Stage(train_dpo.run, tuple(SELECT_METHODS)),
     "distill": Stage(distill.run, DISTILL_LOSSES),
     "evaluate": Stage(evaluate.run),
+    "pool": Stage(pool.run),
 }

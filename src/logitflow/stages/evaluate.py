@@ -26,7 +26,7 @@ from logitflow.config import Params
 from logitflow.data.tokenize import TruncationCounter
 from logitflow.errors import DataError
 from logitflow.evaluation.answers import success_rate
-from logitflow.evaluation.generate import greedy_generate
+from logitflow.evaluation.generate import generate
 from logitflow.fsio import atomic_write_json, atomic_write_text
 from logitflow.models import load_materialized
 from logitflow.ops.lm_metrics import CalibrationBins
@@ -90,7 +90,7 @@ def _policies(params: Params, root: Path, device: torch.device, amp) -> dict[str
             "heldout_dpo_nll": metrics["eval/dpo_nll"],
         }
         if prompts:
-            generations = greedy_generate(
+            generations = generate(
                 model,
                 loaded.tokenizer,
                 prompts,
@@ -116,7 +116,7 @@ def _students(params: Params, root: Path, device: torch.device, amp) -> tuple[di
     batch = params.distill.batch_size
 
     def speed(model) -> float:
-        return greedy_generate(
+        return generate(
             model,
             tokenizer,
             speed_prompts,
