@@ -15,3 +15,7 @@ class DataError(LogitflowError):
 
 class ModelError(LogitflowError):
     """A model or tokenizer cannot be found or loaded as specified."""
+
+
+class ServiceUnreachableError(LogitflowError):
+    """A server the run needs (MLflow tracking, the Prefect API) does not answer at its address."""
