@@ -6,6 +6,7 @@ import contextlib
 import os
 import random
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -62,3 +63,22 @@ def distributed(compute: ComputeSection) -> Iterator[int]:
         yield dist.get_rank()
     finally:
         dist.destroy_process_group()
+
+
+@dataclass(frozen=True)
+class Fsdp:
+    """How the training loop shards its model (FSDP2, see `train.loop.shard`)."""
+
+    device: torch.device
+    param_dtype: torch.dtype | None = None  # dtype of the gathered weights in forward/backward; None: as stored
+
+
+def fsdp(compute: ComputeSection, device: torch.device) -> Fsdp | None:
+    """FSDP settings when params ask for `compute.distributed: fsdp` and torchrun started several
+    processes; None otherwise (one process, or replicas whose gradients are summed: `ddp`).
+    With bf16 on CUDA the gathered weights are bf16 while the shards, the optimizer state and the
+    gradient reduction stay fp32; on CPU the weights stay fp32 under bf16 autocast, as with `ddp`."""
+    if compute.distributed != "fsdp" or not dist.is_initialized() or dist.get_world_size() == 1:
+        return None
+    bf16 = compute.precision == "bf16" and device.type == "cuda"
+    return Fsdp(device, torch.bfloat16 if bf16 else None)

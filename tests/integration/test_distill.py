@@ -115,3 +115,34 @@ def test_stage_under_torchrun_with_two_gloo_processes_matches_one_process(cached
     assert double["registered_version"] == 2, "rank 0 registered once, after the single-process run's version 1"
     for key in ("train_loss", "heldout_lm_loss", "heldout_kl_to_teacher"):
         assert double[key] == pytest.approx(single[key], rel=1e-4), key
+
+
+@pytest.mark.slow
+def test_fsdp_under_torchrun_resumes_a_killed_run_and_matches_one_process(
+    cached_project: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # `full`: the frozen teacher runs beside the sharded student in every process
+    set_params(cached_project, **{"compute.distributed": "fsdp"})
+    params = load_params(cached_project / "params.yaml")
+    single = distill.run(params, cached_project, "full")  # one process, uninterrupted
+
+    class Killed(Exception):
+        pass
+
+    def killed_after_one_step(*args, **kwargs):
+        train(*args, **{**kwargs, "max_steps": 1})
+        raise Killed
+
+    monkeypatch.setattr(distill, "train", killed_after_one_step)
+    with pytest.raises(Killed):
+        distill.run(params, cached_project, "full")
+    assert len(list((cached_project / "checkpoints").glob("distill_full_*/trainer_state.json"))) == 1
+    result = torchrun_logitflow(cached_project, "stage", "distill", "full")  # resumes the checkpoint, sharded
+    assert result.returncode == 0, result.stderr[-3000:]
+    logged = " ".join(result.stderr.split())  # the console handler wraps long lines
+    assert "resuming at step 1 of 2" in logged and "FSDP, the model sharded over 2 processes" in logged
+    double = json.loads((cached_project / "reports/distill/full.json").read_text())
+    assert double["steps"] == single["steps"] == 2
+    for key in ("train_loss", "heldout_lm_loss", "heldout_kl_to_teacher", "heldout_ece"):
+        assert double[key] == pytest.approx(single[key], rel=1e-4), key
+    assert not list((cached_project / "checkpoints").glob("*")), "checkpoints are removed after success"

@@ -12,7 +12,7 @@ from mlflow import MlflowClient
 
 from logitflow import tracking
 from logitflow.config import load_params
-from logitflow.errors import DataError
+from logitflow.errors import DataError, ParamsError
 from logitflow.stages import score_prefs, select, train_dpo
 from tests.conftest import set_params
 from tests.helpers.torchrun import torchrun_logitflow
@@ -107,6 +107,9 @@ def test_lora_with_unknown_target_modules_is_a_clear_error(selected_project: Pat
     set_params(selected_project, **{"train_dpo.lora": {"enabled": True, "target_modules": ["nope_proj"]}})
     with pytest.raises(LogitflowError, match=r"train_dpo.lora.target_modules = \['nope_proj'\]"):
         train_dpo.run(load_params(selected_project / "params.yaml"), selected_project, "uniform")
+    set_params(selected_project, **{"compute.distributed": "fsdp"})
+    with pytest.raises(ParamsError, match=r"compute.distributed = 'fsdp' with train_dpo.lora.enabled = true"):
+        train_dpo.run(load_params(selected_project / "params.yaml"), selected_project, "uniform")
 
 
 @pytest.mark.slow
@@ -119,3 +122,40 @@ def test_stage_under_torchrun_with_two_gloo_processes_matches_one_process(select
     assert double["registered_version"] == 2, "rank 0 registered once, after the single-process run's version 1"
     for key in ("train_loss", "heldout_margin", "heldout_dpo_nll"):
         assert double[key] == pytest.approx(single[key], rel=1e-4, abs=1e-6), key
+
+
+@pytest.mark.slow
+def test_stage_under_torchrun_with_fsdp_matches_one_process(selected_project: Path) -> None:
+    from safetensors.torch import load_file
+
+    # 3 steps of 3 pairs in micro-batches of 1: the 2 processes take 2 + 1 pairs, so the second runs a
+    # pass at weight 0 to join FSDP's collective gathers; the last step's 2 pairs split evenly
+    updates = {"compute.distributed": "fsdp", "train_dpo.batch_size": 1, "train_dpo.grad_accum": 3}
+    set_params(selected_project, **updates)
+    params = load_params(selected_project / "params.yaml")
+    single = train_dpo.run(params, selected_project, "adpo_plus")  # one process: no sharding
+    single_weights = load_file(str(selected_project / "models/dpo_adpo_plus/model.safetensors"))
+    result = torchrun_logitflow(selected_project, "stage", "train_dpo", "adpo_plus")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "FSDP, the model sharded over 2 processes" in " ".join(result.stderr.split())  # unwrap the log lines
+    double = json.loads((selected_project / "reports/train_dpo/adpo_plus.json").read_text())
+    assert double["steps"] == single["steps"] == 3
+    assert double["registered_version"] == 2, "rank 0 registered once, after the single-process run's version 1"
+    # the same update up to summation order (gradients summed over processes and shards, not in one pass)
+    for key in ("train_loss", "train_margin", "heldout_accuracy", "heldout_margin", "heldout_dpo_nll"):
+        assert double[key] == pytest.approx(single[key], rel=1e-4, abs=1e-6), key
+    tracking.configure(params, selected_project)
+    client = MlflowClient()
+    sharded_run = client.get_model_version(train_dpo.REGISTERED_POLICY, "2").run_id
+    norms = {
+        run: [m.value for m in client.get_metric_history(run, "grad_norm")]
+        for run in (sharded_run, single["mlflow_run_id"])
+    }
+    # Adam hardly sees a gradient's scale, the norm does: the shards' gradients are summed, not averaged
+    assert len(norms[sharded_run]) == 3
+    assert norms[sharded_run] == pytest.approx(norms[single["mlflow_run_id"]], rel=1e-4)
+    weights = load_file(str(selected_project / "models/dpo_adpo_plus/model.safetensors"))
+    assert weights.keys() == single_weights.keys(), "the same model format as one process writes"
+    for name, tensor in weights.items():  # bf16 on disk: a rounding flip is one bf16 step
+        assert tensor.dtype == torch.bfloat16, name
+        assert torch.allclose(tensor.float(), single_weights[name].float(), atol=1e-3), name

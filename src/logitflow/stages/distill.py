@@ -25,7 +25,15 @@ import torch
 from logitflow import tracking
 from logitflow.cache.reader import TeacherCache
 from logitflow.cache.shards import CacheError
-from logitflow.compute import apply_threads, autocast, distributed, inference_dtype, resolve_device, seed_everything
+from logitflow.compute import (
+    apply_threads,
+    autocast,
+    distributed,
+    fsdp,
+    inference_dtype,
+    resolve_device,
+    seed_everything,
+)
 from logitflow.config import Params
 from logitflow.data.tokenize import TruncationCounter, chunk_documents
 from logitflow.errors import DataError, LogitflowError
@@ -116,7 +124,10 @@ def _run(params: Params, root: Path, variant: str | None, rank: int) -> dict[str
     temperature = float(cache.manifest.key["sampling"]["temperature"])
     heldout = heldout_sequences(params, root, tokenizer, int(cache.manifest.key["max_length"]))
 
-    student = build_student(teacher.model, section.student, section.seed).to(device)
+    sharding = fsdp(params.compute, device)
+    student = build_student(teacher.model, section.student, section.seed)
+    if sharding is None:  # under FSDP this full copy stays on the CPU; the loop trains a sharded one
+        student = student.to(device)
     teacher_model = teacher.model.to(device=device, dtype=inference_dtype(params.compute)).eval().requires_grad_(False)
     settings = DistillSettings(loss=loss, alpha=section.alpha, temperature=temperature, **section.loop_settings())
     task = DistillTask(
@@ -179,6 +190,7 @@ def _run(params: Params, root: Path, variant: str | None, rank: int) -> dict[str
             checkpoint_dir=checkpoint_dir,
             evaluate=evaluate,
             on_metrics=tracking.log_metrics,
+            fsdp=sharding,
         )
         if not run:
             return {"rank": rank, "steps": len(history)}

@@ -21,10 +21,10 @@ import torch
 
 from logitflow import tracking
 from logitflow.cache.ref_scores import load_scores
-from logitflow.compute import apply_threads, autocast, distributed, resolve_device, seed_everything
+from logitflow.compute import apply_threads, autocast, distributed, fsdp, resolve_device, seed_everything
 from logitflow.config import LoraSettings, Params
 from logitflow.data.tokenize import TruncationCounter, tokenize_pair
-from logitflow.errors import DataError, LogitflowError
+from logitflow.errors import DataError, LogitflowError, ParamsError
 from logitflow.fsio import atomic_directory, atomic_write_json, atomic_write_text
 from logitflow.models import load_materialized, read_model_card
 from logitflow.ops.active_dpo import METHODS
@@ -87,6 +87,11 @@ def _run(params: Params, root: Path, variant: str | None, rank: int) -> dict[str
     if method not in METHODS:
         raise LogitflowError(f"train_dpo: unknown selection method '{method}' (methods: {', '.join(METHODS)})")
     section = params.train_dpo
+    if section.lora.enabled and params.compute.distributed == "fsdp":
+        raise ParamsError(
+            "compute.distributed = 'fsdp' with train_dpo.lora.enabled = true is not supported: LoRA's few trainable "
+            "weights gain little from sharding; use compute.distributed = 'ddp' or disable train_dpo.lora"
+        )
     selection_file = selection_path(params, root, method)
     if not selection_file.is_file():
         raise DataError(f"{selection_file}: missing; run `logitflow stage select {method}` first")
@@ -123,7 +128,10 @@ def _run(params: Params, root: Path, variant: str | None, rank: int) -> dict[str
     ).hexdigest()[:16]
     checkpoint_dir = root / params.paths.checkpoints / f"train_dpo_{method}_{run_key}"
     selection_sha256 = hashlib.sha256(selection_file.read_bytes()).hexdigest()
-    model = with_lora(policy.model, section.lora).to(device)
+    sharding = fsdp(params.compute, device)
+    model = with_lora(policy.model, section.lora)
+    if sharding is None:  # under FSDP this full copy stays on the CPU; the loop trains a sharded one
+        model = model.to(device)
     with tracking.start_run(
         params,
         root,
@@ -161,6 +169,7 @@ def _run(params: Params, root: Path, variant: str | None, rank: int) -> dict[str
             checkpoint_dir=checkpoint_dir,
             eval_data=heldout,
             on_metrics=tracking.log_metrics,
+            fsdp=sharding,
         )
         if not run:
             return {"rank": rank, "steps": len(history)}

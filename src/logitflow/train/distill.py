@@ -28,7 +28,7 @@ from logitflow.ops.sparse_kd import (
     sparse_kd_loss,
     topk_from_cache,
 )
-from logitflow.train.loop import LoopSettings
+from logitflow.train.loop import LoopSettings, logits_at
 
 log = logging.getLogger(__name__)
 LOSSES: tuple[str, ...] = get_args(DistillLoss)
@@ -44,8 +44,7 @@ class DistillSettings(LoopSettings):
 
 def _valid_logits(model: torch.nn.Module, input_ids: torch.Tensor, attention: torch.Tensor) -> torch.Tensor:
     """Logits [N, V] of the positions that predict a real next token, in row-major order."""
-    hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention).last_hidden_state
-    return model.get_output_embeddings()(hidden[:, :-1][attention[:, 1:].bool()])
+    return logits_at(model, input_ids, attention, attention[:, 1:].bool())
 
 
 class DistillTask:

@@ -13,10 +13,11 @@ from typing import Any
 
 import torch
 
+from logitflow.compute import Fsdp
 from logitflow.data.tokenize import TokenizedPair, pad_right
 from logitflow.errors import LogitflowError
 from logitflow.ops.dpo import dpo_loss
-from logitflow.train.loop import LoopSettings, train
+from logitflow.train.loop import LoopSettings, logits_at, train
 
 log = logging.getLogger(__name__)
 
@@ -50,9 +51,8 @@ def response_logps(
     for row, sequence in enumerate(sequences):
         response[row, sequence.prompt_length : len(sequence.input_ids)] = True
     input_ids, attention, response = input_ids.to(device), attention.to(device), response.to(device)
-    hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention).last_hidden_state
     predicts = response[:, 1:]  # hidden state t predicts token t + 1
-    logits = model.get_output_embeddings()(hidden[:, :-1][predicts]).float()
+    logits = logits_at(model, input_ids, attention, predicts).float()
     token_logps = logits.log_softmax(-1).gather(-1, input_ids[:, 1:][predicts][:, None]).squeeze(-1)
     owners = torch.arange(len(sequences), device=device)[:, None].expand_as(predicts)[predicts]
     sums = torch.zeros(len(sequences), device=device, dtype=token_logps.dtype).index_add(0, owners, token_logps)
@@ -169,9 +169,10 @@ def train_dpo(
     eval_data: DpoData | None = None,
     on_metrics: Callable[[dict[str, float], int], None] = lambda metrics, step: None,
     max_steps: int | None = None,
+    fsdp: Fsdp | None = None,
 ) -> list[dict[str, float]]:
-    """Train in place (see `train.loop.train`); resumes from `checkpoint_dir` when it holds a
-    checkpoint. Returns the per-step history."""
+    """Train in place (see `train.loop.train`, also for `fsdp`); resumes from `checkpoint_dir` when it
+    holds a checkpoint. Returns the per-step history."""
     if len(data) == 0:
         raise LogitflowError("train_dpo: the selection is empty")
     history = train(
@@ -184,6 +185,7 @@ def train_dpo(
         evaluate=None if eval_data is None else lambda m: evaluate(m, eval_data, settings, pad_id, device, autocast),
         on_metrics=on_metrics,
         max_steps=max_steps,
+        fsdp=fsdp,
     )
     _warn_on_falling_chosen(history)
     return history
