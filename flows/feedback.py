@@ -36,9 +36,11 @@ from logitflow.cache.ref_scores import PairScores
 from logitflow.config import Params, load_params
 from logitflow.data.load import split_indices
 from logitflow.data.pool import Pool, read_pool
+from logitflow.errors import LogitflowError
 from logitflow.feedback.labels import LabelRecord
 from logitflow.feedback.pool_scores import score_pool
 from logitflow.feedback.session import FeedbackSession, Question, open_session
+from logitflow.preflight import check_mlflow, mlflow_uri, preflight
 
 
 class Label(RunInput):
@@ -98,14 +100,23 @@ def export(session: FeedbackSession, project: str) -> Path:
 
 
 def _record_metrics(record: LabelRecord, session: FeedbackSession) -> dict[str, float]:
+    answered = session.records[: record.question]
     return {
         "labels": record.labels,
         "gain": record.gain,
         "logdet": record.logdet,
-        "skipped": sum(r.answer == "skip" for r in session.records),
+        "skipped": sum(r.answer == "skip" for r in answered),
         "refit": float(record.refit),
-        "remaining": session.selector.remaining,
+        "remaining": len(session.pool) - len(answered),
     }
+
+
+def backfill_metrics(session: FeedbackSession, run_id: str) -> None:
+    """Step metrics of answers stored on disk but not in MLflow (a run killed between the two)."""
+    logged = {metric.step for metric in tracking.metric_history(run_id, "gain")}
+    for record in session.records:
+        if record.question not in logged:
+            tracking.log_metrics(_record_metrics(record, session), step=record.question)
 
 
 def _progress_table(session: FeedbackSession) -> list[dict[str, Any]]:
@@ -124,8 +135,13 @@ def _progress_table(session: FeedbackSession) -> list[dict[str, Any]]:
     ]
 
 
-def ask(session: FeedbackSession, params: Params, budget: int) -> str:
-    """Ask until the budget is reached or the session ends; returns why it stopped."""
+class NoAnswer(LogitflowError):
+    """A question waited longer than feedback.question_timeout_s."""
+
+
+def ask(session: FeedbackSession, params: Params, budget: int) -> tuple[str, bool]:
+    """Ask until the budget is reached or the session ends; returns why it stopped and whether
+    that was a question left unanswered."""
     logger = get_run_logger()
     section = params.feedback
     progress = create_progress_artifact(
@@ -136,7 +152,7 @@ def ask(session: FeedbackSession, params: Params, budget: int) -> str:
     while session.labels < budget:
         question = session.next_question()
         if question is None:
-            return "every pair in the pool has been asked"
+            return "every pair in the pool has been asked", False
         key = question_key(question.number)
         create_flow_run_input(key=key, value=question.as_dict())
         logger.info(
@@ -156,7 +172,7 @@ def ask(session: FeedbackSession, params: Params, budget: int) -> str:
                 key=key,
             )
         except FlowPauseTimeout:
-            return f"no answer within {section.question_timeout_s} s"
+            return f"no answer to question {question.number} within {section.question_timeout_s} s", True
         record = session.answer(question, label.answer, annotator=label.annotator, flow_run_id=str(flow_run.id))
         tracking.log_metrics(_record_metrics(record, session), step=record.question)
         update_progress_artifact(artifact_id=progress, progress=100 * session.labels / budget)
@@ -167,8 +183,8 @@ def ask(session: FeedbackSession, params: Params, budget: int) -> str:
         )
         logger.info("answer %s to question %d%s", label.answer, record.question, " (θ̂ refit)" if record.refit else "")
         if label.stop:
-            return f"stopped by {label.annotator or 'the annotator'}"
-    return f"label budget of {budget} reached"
+            return f"stopped by {label.annotator or 'the annotator'}", False
+    return f"label budget of {budget} reached", False
 
 
 @flow(name="feedback", log_prints=True)
@@ -180,6 +196,7 @@ def feedback(
     root = Path(project).resolve()
     params = params or load_params(root / "params.yaml")
     budget = budget or params.feedback.budget
+    check_mlflow(mlflow_uri(params))
     logger = get_run_logger()
     build_pool(str(root))
     pool, scores = score_pool_task(params, str(root))
@@ -196,7 +213,8 @@ def feedback(
     ) as run:
         assert run is not None
         session.remember_run(run.info.run_id)
-        stopped = ask(session, params, budget)
+        backfill_metrics(session, run.info.run_id)
+        stopped, unanswered = ask(session, params, budget)
         preferences = export(session, str(root))
         summary = {
             "session": params.feedback.session,
@@ -210,6 +228,8 @@ def feedback(
         }
         tracking.log_dict(summary, "feedback_summary.json")
     logger.info("session '%s' ended (%s): %s", params.feedback.session, stopped, json.dumps(summary))
+    if unanswered:  # Prefect fails a run whose pause timed out; say why, and that nothing was lost
+        raise NoAnswer(f"{stopped}: {session.labels} labels kept in {session.store.path}; run the flow again to go on")
     if hand_off:
         summary["experiment"] = hand_off_to_dpo(params, root, summary)
     return summary
@@ -240,6 +260,7 @@ def main() -> None:
     parser.add_argument("--budget", type=int, default=None)
     parser.add_argument("--project", default=".")
     args = parser.parse_args()
+    preflight(load_params(Path(args.project) / "params.yaml"))
     feedback(project=args.project, budget=args.budget)
 
 

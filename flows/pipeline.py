@@ -23,6 +23,7 @@ from prefect.runtime import flow_run
 from flows.dvc import BIN, git_commit, run_logged, stage_names
 from logitflow import tracking
 from logitflow.config import Params, load_params
+from logitflow.preflight import check_mlflow, mlflow_uri, preflight
 
 # Stages that read or write large files (and resume where they stopped): worth retrying.
 IO_BOUND = ("prepare", "models", "cache_teacher", "score_prefs")
@@ -77,7 +78,9 @@ def changed_params(defaults: Mapping[str, Any], requested: Mapping[str, Any], pr
 
 @contextmanager
 def lineage(params: Params, root: Path, flow_name: str, experiment: str) -> Iterator[dict[str, str]]:
-    """One MLflow parent run for this flow run; yields the environment that nests stage runs under it."""
+    """One MLflow parent run for this flow run; yields the environment that nests stage runs under it.
+    A tracking server that does not answer fails the run here, before any stage starts."""
+    check_mlflow(mlflow_uri(params))
     tags = {
         "logitflow.flow": flow_name,
         "prefect.flow_run_id": str(flow_run.id or "none"),
@@ -155,6 +158,7 @@ def main() -> None:
     parser.add_argument("--overlay", action="append", default=[], help="params overlay(s) to run as an experiment")
     args = parser.parse_args()
     params = load_params("params.yaml", overlays=args.overlay) if args.overlay else None
+    preflight(params or load_params("params.yaml"))
     pipeline(params=params)
 
 

@@ -1,4 +1,5 @@
-"""Serve every flow as a deployment of this project (the `pipeline` form defaults to params.yaml):
+"""Serve every flow as a deployment of this project (the `pipeline` and `feedback` forms default to
+params.yaml):
 
     PREFECT_API_URL=http://127.0.0.1:4200/api python -m flows.serve      (what `make ui` runs)
 
@@ -12,6 +13,7 @@ from pathlib import Path
 from prefect import serve
 from prefect.deployments.runner import RunnerDeployment
 
+from flows.feedback import feedback
 from flows.pipeline import FLOWS, pipeline
 from logitflow.config import load_params
 
@@ -21,9 +23,9 @@ DEPLOYMENT = "logitflow"
 def deployments(project: Path) -> list[RunnerDeployment]:
     defaults = load_params(project / "params.yaml").model_dump(mode="json")
     built = []
-    for flow in FLOWS:
+    for flow in (*FLOWS, feedback):
         parameters = {"project": str(project)}
-        if flow is pipeline:
+        if flow in (pipeline, feedback):
             parameters["params"] = defaults
         built.append(flow.to_deployment(name=DEPLOYMENT, parameters=parameters, tags=["logitflow"]))
     return built

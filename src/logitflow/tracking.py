@@ -160,6 +160,10 @@ def log_metrics(metrics: Mapping[str, float], step: int | None = None) -> None:
         mlflow.log_metrics(clean, step=step)
 
 
+def metric_history(run_id: str, key: str) -> list[Any]:
+    return mlflow.MlflowClient().get_metric_history(run_id, key)
+
+
 def log_dict(obj: Mapping[str, Any], artifact_file: str) -> None:
     mlflow.log_dict(dict(obj), artifact_file)
 

@@ -5,6 +5,7 @@ twice; θ̂ is refit at 1, 2, 4 labels; the collected set is a DVC-tracked prefe
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -13,14 +14,18 @@ import threading
 import time
 from pathlib import Path
 
+import mlflow
 import pytest
 from conftest import REPO, set_params
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import ArtifactCollectionFilter, ArtifactCollectionFilterKey
 from prefect.settings import PREFECT_API_URL
 from prefect.testing.utilities import prefect_test_harness
 
 from flows.annotate import answer, find_open_run, open_question
 from flows.feedback import feedback
-from logitflow.config import DataSource, PrepareSection
+from logitflow import tracking
+from logitflow.config import DataSource, PrepareSection, load_params
 from logitflow.data.load import load_preferences
 from logitflow.data.schemas import BadRows
 from logitflow.feedback.labels import LabelStore
@@ -108,3 +113,25 @@ def test_feedback_flow_answered_through_the_api_survives_a_kill(prefect_server: 
     first_label = loaded[0]
     pair = asked[0]
     assert (first_label["chosen"], first_label["rejected"]) == (pair["response_a"], pair["response_b"]), "a = A wins"
+
+    # Progress: one MLflow run for the session (continued after the kill) with a step per answer,
+    # and the flow run's artifacts (progress bar, table of answers with the gain each pair was chosen for).
+    params = load_params(root / "params.yaml")
+    tracking.configure(params, root)
+    [run] = mlflow.search_runs(filter_string="tags.`logitflow.stage` = 'feedback'", output_format="list")
+    history = mlflow.MlflowClient().get_metric_history(run.info.run_id, "gain")
+    assert [m.step for m in history] == [1, 2, 3, 4, 5, 6]
+    assert [m.value for m in history] == pytest.approx([r.gain for r in records])
+    assert run.data.metrics["labels"] == 5
+    with get_client(sync_client=True) as client:
+        [table] = client.read_latest_artifacts(
+            artifact_filter=ArtifactCollectionFilter(key=ArtifactCollectionFilterKey(any_=["feedback-default-answers"]))
+        )
+        [progress] = client.read_latest_artifacts(
+            artifact_filter=ArtifactCollectionFilter(
+                key=ArtifactCollectionFilterKey(any_=["feedback-default-progress"])
+            )
+        )
+    rows = json.loads(table.data) if isinstance(table.data, str) else table.data
+    assert [row["pair"] for row in rows] == pair_ids and rows[0]["gain"] == round(records[0].gain, 4)
+    assert float(progress.data) == 100.0

@@ -56,6 +56,9 @@ class DesignResult:
     logdet: torch.Tensor  # [k], log det H after each pick (H = γI + Σ w φφᵀ)
 
 
+TIE_TOLERANCE = 1e-9
+
+
 class DOptimalDesign:
     """Incremental greedy D-optimal design over a fixed pool of features [N, d].
 
@@ -124,7 +127,10 @@ class DOptimalDesign:
         return int(self.available.sum())
 
     def best(self) -> int:
-        """The available pair with the largest exact gain (lazy evaluation)."""
+        """The available pair with the largest exact gain (lazy evaluation). Gains within a relative
+        TIE_TOLERANCE of the largest are ties, won by the lowest index, so the pick does not depend
+        on which bounds happen to be fresh (a session replayed from disk asks what an uninterrupted
+        one would) nor on last-bit rounding (pairs (x, y₁, y₂) and (x, y₂, y₁) have equal gains)."""
         if self.remaining == 0:
             raise ValueError("the pool is exhausted")
         masked = torch.where(self.available, self.bounds, torch.tensor(-math.inf, dtype=torch.float64))
@@ -136,10 +142,10 @@ class DOptimalDesign:
             exact = self._gains(candidates, self._quad(candidates))
             self.bounds[candidates] = exact
             masked[candidates] = exact
-            best = int(torch.argmax(exact))
+            tied = exact.max() - TIE_TOLERANCE * exact.max().abs()
             outside = top.values[size] if take > size else torch.tensor(-math.inf, dtype=torch.float64)
-            if exact[best] >= outside:
-                return int(candidates[best])
+            if outside < tied:
+                return int(candidates[exact >= tied].min())
             size *= 4
 
     def add(self, index: int) -> float:

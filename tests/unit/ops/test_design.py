@@ -120,6 +120,28 @@ def test_active_selector_refits_on_powers_of_two_and_skips() -> None:
     assert asked[3] not in selector.labelled and selector.remaining == 200 - 20
 
 
+def test_ties_go_to_the_lowest_index_and_a_replay_asks_what_an_uninterrupted_run_asks() -> None:
+    features, offsets, labels, _ = _synthetic(300, 6, seed=4)
+    features[150:] = -features[:150].flip(0)  # every pair also appears swapped: equal gains up to the last bit
+    offsets[150:] = -offsets[:150].flip(0)
+    settings = SelectionSettings(beta=1.0)
+    live = ActiveSelector(features, offsets, settings)
+    asked = []
+    for _ in range(40):
+        index, _ = live.propose()  # refreshes some bounds, which a replay never does
+        asked.append(index)
+        live.label(index, bool(labels[index]))
+    for position, index in enumerate(asked):
+        if index >= 150:
+            assert 299 - index in asked[:position], "of two tied pairs, the lower index is asked first"
+    replayed = ActiveSelector(features, offsets, settings)
+    for index in asked[:25]:
+        replayed.label(index, bool(labels[index]))
+    for index in asked[25:]:
+        assert replayed.propose()[0] == index
+        replayed.label(index, bool(labels[index]))
+
+
 @pytest.mark.parametrize(
     ("call", "message"),
     [
