@@ -18,12 +18,14 @@ from typing import Any, Literal
 import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict
+from safetensors import safe_open
 from safetensors.numpy import load as load_safetensors
 
 from logitflow.cache.shards import (
     CacheError,
     ShardedPass,
     ShardEntry,
+    ShardExecutor,
     key_digest,
     read_checked,
     read_manifest_file,
@@ -126,8 +128,14 @@ def compute_score_shard(
 
 
 def run_score_pass(
-    model: torch.nn.Module, job: ScoreJob, device: torch.device, autocast: Callable[[], Any]
+    model: torch.nn.Module | None,
+    job: ScoreJob,
+    device: torch.device,
+    autocast: Callable[[], Any],
+    executor: ShardExecutor | None = None,
 ) -> tuple[ScoresManifest, dict[str, float]]:
+    """Compute (or resume) every shard, then write the manifest. With an `executor` (Ray workers)
+    the shards are computed there and `model` may be None."""
     key_sha256 = key_digest(job.key)
     try:
         manifest = read_scores_manifest(job.directory)
@@ -144,14 +152,22 @@ def run_score_pass(
         unit="pair",
         description="score_prefs",
         compute=lambda index, advance: compute_score_shard(model, job, index, device, autocast, advance),
+        inputs=lambda index: job.pairs[index * job.pairs_per_shard : (index + 1) * job.pairs_per_shard],
     )
-    entries, stats = run_sharded(sharded, MANIFEST_FILE)
+    entries, stats = run_sharded(sharded, MANIFEST_FILE, executor)
+    if model is not None:
+        hidden_size = int(model.get_output_embeddings().weight.shape[1])
+    elif entries:  # the shards were computed elsewhere: their features say it
+        with safe_open(str(job.directory / entries[0].file), framework="numpy") as handle:
+            hidden_size = int(handle.get_slice("chosen_features").get_shape()[1])
+    else:
+        hidden_size = 0
     manifest = ScoresManifest(
         schema_version=SCHEMA_VERSION,
         key=job.key,
         key_sha256=key_sha256,
         splits=job.splits,
-        hidden_size=int(model.get_output_embeddings().weight.shape[1]),
+        hidden_size=hidden_size,
         truncated=sum(entry.counts["truncated"] for entry in entries),
         shards=entries,
     )

@@ -4,17 +4,22 @@ A pass is split into shards, each an independent unit of work with its own seed.
 written atomically with a one-entry JSON header (the cache key digest and its counts), so after a
 kill the complete shards of the same key are reused and the rest recomputed. The caller removes
 its manifest before the loop and writes it after, so an unfinished pass never looks complete.
+
+Shards are computed in this process (`ShardedPass.compute`) or by a `ShardExecutor` (Ray workers,
+`ray_shards.py`) that returns each shard's tensors: either way this process encodes and writes
+every shard file, so where a shard ran never changes its bytes or the resume rules.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict
@@ -27,6 +32,8 @@ from logitflow.fsio import atomic_write_bytes
 
 METADATA_KEY = "logitflow"
 ManifestT = TypeVar("ManifestT", bound=BaseModel)
+# A computed shard: its tensors and its counts (`units` moves the progress bar).
+ShardResult = tuple[dict[str, np.ndarray], dict[str, int]]
 
 
 class CacheError(LogitflowError):
@@ -64,6 +71,15 @@ def shard_header(path: Path) -> dict[str, Any] | None:
         return None
 
 
+class ShardExecutor(Protocol):
+    """Computes shards elsewhere (e.g. on Ray workers) and hands their tensors back."""
+
+    def map(self, indices: list[int], inputs: Callable[[int], Any]) -> Generator[tuple[int, ShardResult], None, None]:
+        """Compute the shards `indices` (shard i gets `inputs(i)`); yield (index, result) as each
+        finishes, in any order. Closing the iterator early stops the work still running."""
+        ...
+
+
 @dataclass(frozen=True)
 class ShardedPass:
     directory: Path
@@ -73,53 +89,75 @@ class ShardedPass:
     total_units: int  # for the progress bar (tokens, pairs, ...)
     unit: str
     description: str
-    # compute(index, advance) -> (tensors, counts); `advance(n)` moves the progress bar.
-    compute: Callable[[int, Callable[[int], None]], tuple[dict[str, np.ndarray], dict[str, int]]]
+    # compute(index, advance) -> (tensors, counts) in this process; `advance(n)` moves the progress bar.
+    compute: Callable[[int, Callable[[int], None]], ShardResult]
+    # inputs(index): what an executor's worker needs to compute shard `index` (its slice of the data).
+    inputs: Callable[[int], Any] = lambda index: None
 
 
-def run_sharded(job: ShardedPass, manifest_file: str) -> tuple[list[ShardEntry], dict[str, float]]:
-    """Compute or reuse every shard; returns their entries and {computed_units, seconds}."""
+def _entry(path: Path, data: bytes, counts: dict[str, int]) -> ShardEntry:
+    return ShardEntry(file=path.name, bytes=len(data), sha256=hashlib.sha256(data).hexdigest(), counts=counts)
+
+
+def run_sharded(
+    job: ShardedPass, manifest_file: str, executor: ShardExecutor | None = None
+) -> tuple[list[ShardEntry], dict[str, float]]:
+    """Compute or reuse every shard; returns their entries and {computed_units, seconds}.
+
+    With an `executor` the missing shards are computed by it (in any order); this process still
+    encodes and atomically writes each shard as it arrives, so a lost worker leaves no partial file."""
     directory = job.directory
     directory.mkdir(parents=True, exist_ok=True)
     (directory / manifest_file).unlink(missing_ok=True)
     for leftover in directory.glob(".*.tmp"):
         leftover.unlink()
     computed, started = 0, time.perf_counter()
-    entries: list[ShardEntry] = []
+    entries: dict[int, ShardEntry] = {}
     with tqdm(total=job.total_units, unit=job.unit, unit_scale=True, desc=job.description) as bar:
+        missing: list[int] = []
         for index in range(job.num_shards):
             path = directory / shard_name(index)
             header = shard_header(path) if path.is_file() else None
-            reusable = (
+            if (
                 header is not None
                 and header.get("key_sha256") == job.key_sha256
                 and header.get("schema_version") == job.schema_version
-            )
-            if reusable:
-                assert header is not None
-                data, counts = path.read_bytes(), header["counts"]
-                bar.update(counts.get("units", 0))
+            ):
+                entries[index] = _entry(path, path.read_bytes(), header["counts"])
+                bar.update(header["counts"].get("units", 0))
             else:
-                tensors, counts = job.compute(index, bar.update)
-                header = {"schema_version": job.schema_version, "key_sha256": job.key_sha256, "counts": counts}
-                data = encode_tensors(tensors, header)
-                try:
-                    atomic_write_bytes(path, data)
-                except OSError as err:
-                    raise CacheError(
-                        f"{path}: cannot write shard ({err.strerror or err}); the {index} shards before it are "
-                        "complete and kept; fix the cause and rerun to resume"
-                    ) from None
-                computed += counts.get("units", 0)
-                rate = computed / max(time.perf_counter() - started, 1e-9)
-                bar.set_postfix(shard=f"{index + 1}/{job.num_shards}", rate=f"{rate:,.0f} {job.unit}/s")
-            entries.append(
-                ShardEntry(file=path.name, bytes=len(data), sha256=hashlib.sha256(data).hexdigest(), counts=counts)
-            )
+                missing.append(index)
+
+        def store(index: int, tensors: dict[str, np.ndarray], counts: dict[str, int]) -> None:
+            nonlocal computed
+            path = directory / shard_name(index)
+            header = {"schema_version": job.schema_version, "key_sha256": job.key_sha256, "counts": counts}
+            data = encode_tensors(tensors, header)
+            try:
+                atomic_write_bytes(path, data)
+            except OSError as err:
+                raise CacheError(
+                    f"{path}: cannot write shard ({err.strerror or err}); the {len(entries)} complete shard(s) "
+                    "are kept; fix the cause and rerun to resume"
+                ) from None
+            entries[index] = _entry(path, data, counts)
+            computed += counts.get("units", 0)
+            rate = computed / max(time.perf_counter() - started, 1e-9)
+            bar.set_postfix(shard=f"{len(entries)}/{job.num_shards}", rate=f"{rate:,.0f} {job.unit}/s")
+
+        if executor is None:
+            for index in missing:
+                store(index, *job.compute(index, bar.update))
+        else:
+            with contextlib.closing(executor.map(missing, job.inputs)) as results:
+                for index, (tensors, counts) in results:
+                    bar.update(counts.get("units", 0))
+                    store(index, tensors, counts)
+    ordered = [entries[index] for index in range(job.num_shards)]
     for stale in directory.glob("shard-*.safetensors"):
-        if stale.name not in {entry.file for entry in entries}:
+        if stale.name not in {entry.file for entry in ordered}:
             stale.unlink()
-    return entries, {"computed_units": computed, "seconds": time.perf_counter() - started}
+    return ordered, {"computed_units": computed, "seconds": time.perf_counter() - started}
 
 
 def read_manifest_file(path: Path, model: type[ManifestT], missing: str) -> ManifestT:

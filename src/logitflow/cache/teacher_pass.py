@@ -31,7 +31,7 @@ from logitflow.cache.format import (
     read_manifest,
     write_manifest,
 )
-from logitflow.cache.shards import CacheError, ShardedPass, key_digest, run_sharded
+from logitflow.cache.shards import CacheError, ShardedPass, ShardExecutor, key_digest, run_sharded
 from logitflow.config import RskdSettings, TopkSettings
 from logitflow.data.tokenize import pad_right
 from logitflow.ops.sparse_kd import rskd_sample, topk_targets
@@ -132,9 +132,14 @@ def compute_shard(
 
 
 def run_cache_pass(
-    model: torch.nn.Module, job: CacheJob, device: torch.device, autocast: Callable[[], Any]
+    model: torch.nn.Module | None,
+    job: CacheJob,
+    device: torch.device,
+    autocast: Callable[[], Any],
+    executor: ShardExecutor | None = None,
 ) -> tuple[Manifest, dict[str, float]]:
-    """Compute (or resume) every shard, then write the manifest. Returns it and pass statistics."""
+    """Compute (or resume) every shard, then write the manifest. Returns it and pass statistics.
+    With an `executor` (Ray workers) the shards are computed there and `model` may be None."""
     key_sha256 = key_digest(job.key)
     try:
         manifest = read_manifest(job.directory)
@@ -145,6 +150,7 @@ def run_cache_pass(
         pass
 
     def compute(index: int, advance: Callable[[int], None]) -> tuple[dict[str, np.ndarray], dict[str, int]]:
+        assert model is not None, "in-process shards need the model"
         shard = compute_shard(model, job, index, device, autocast, on_tokens=advance)
         return encode_shard(shard, mode=job.mode, n_samples=job.rskd.n_samples, vocab_size=job.vocab_size)
 
@@ -157,8 +163,9 @@ def run_cache_pass(
         unit="tok",
         description=f"cache_teacher@{job.mode}",
         compute=compute,
+        inputs=job.shard_sequences,
     )
-    entries, stats = run_sharded(sharded, MANIFEST_FILE)
+    entries, stats = run_sharded(sharded, MANIFEST_FILE, executor)
     totals = {name: sum(entry.counts[name] for entry in entries) for name in SHARD_COUNTS}
     manifest = Manifest(
         schema_version=SCHEMA_VERSION,
