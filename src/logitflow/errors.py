@@ -17,5 +17,9 @@ class ModelError(LogitflowError):
     """A model or tokenizer cannot be found or loaded as specified."""
 
 
+class RayUnavailableError(ParamsError):
+    """compute.ray names a Ray cluster that cannot be reached or used (or Ray is not installed)."""
+
+
 class ServiceUnreachableError(LogitflowError):
     """A server the run needs (MLflow tracking, the Prefect API) does not answer at its address."""

@@ -2,6 +2,7 @@
 
 Variants (a DVC matrix): `rskd` (Random-Sampling KD, exact counts) and `topk` (the biased
 baseline). Output: `paths.caches`/teacher_<mode>/ (shards + manifest), reports/cache_teacher_<mode>.json.
+With `compute.ray` set, the shards are computed by Ray workers (`cache/ray_shards.py`), with the same bytes.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Any
 import torch
 
 from logitflow import tracking
+from logitflow.cache import ray_shards
 from logitflow.cache.format import Mode
 from logitflow.cache.shards import CacheError
 from logitflow.cache.teacher_pass import CacheJob, run_cache_pass
@@ -38,22 +40,31 @@ def cache_dir(params: Params, root: Path, mode: str) -> Path:
 @dataclass(frozen=True)
 class PreparedPass:
     job: CacheJob
-    model: torch.nn.Module
+    model: torch.nn.Module | None  # None when Ray workers load it (`remote`)
     device: torch.device
     truncation: TruncationCounter
+    model_dir: Path
 
 
-def prepare_pass(params: Params, root: Path, mode: Mode) -> PreparedPass:
-    """Load and verify the teacher, tokenise the corpus and describe the job (no sampling yet)."""
+def prepare_pass(params: Params, root: Path, mode: Mode, *, remote: bool = False) -> PreparedPass:
+    """Load and verify the teacher, tokenise the corpus and describe the job (no sampling yet).
+    With `remote` (shards on Ray workers) only the tokenizer and config are loaded here: each
+    worker loads and verifies the weights, and `device` is the workers' device."""
     section = params.cache_teacher
     apply_threads(params.compute)
-    device = resolve_device(params.compute)
     teacher_path = model_dir(params, root, "teacher")
     card = read_model_card(teacher_path)
-    teacher = load_materialized(teacher_path)
-    if weights_hash(teacher.model) != card["weights_sha256"]:
-        raise CacheError(f"{teacher_path}: weights differ from its model card; rerun `logitflow stage models`")
-    context = getattr(teacher.model.config, "max_position_embeddings", None) or params.data.max_length
+    if remote:
+        device = ray_shards.worker_device(params.compute)
+        tokenizer, config = ray_shards.load_driver_side(teacher_path)
+        model = None
+    else:
+        device = resolve_device(params.compute)
+        teacher = load_materialized(teacher_path)
+        if weights_hash(teacher.model) != card["weights_sha256"]:
+            raise CacheError(f"{teacher_path}: weights differ from its model card; rerun `logitflow stage models`")
+        tokenizer, config, model = teacher.tokenizer, teacher.model.config, teacher.model
+    context = getattr(config, "max_position_embeddings", None) or params.data.max_length
     max_length = min(params.data.max_length, context)
     if max_length < params.data.max_length:
         log.warning(
@@ -62,7 +73,7 @@ def prepare_pass(params: Params, root: Path, mode: Mode) -> PreparedPass:
 
     corpus = read_split(params, root, "corpus_train")
     truncation = TruncationCounter()
-    sequences = chunk_documents(teacher.tokenizer, corpus["text"], max_length, params.data.long_documents, truncation)
+    sequences = chunk_documents(tokenizer, corpus["text"], max_length, params.data.long_documents, truncation)
     sequences = [s for s in sequences if len(s) >= 2]  # a 1-token chunk has no next-token target
     if not sequences:
         raise DataError(f"{root / params.paths.prepared}: the training corpus is empty after tokenisation")
@@ -74,7 +85,7 @@ def prepare_pass(params: Params, root: Path, mode: Mode) -> PreparedPass:
         "mode": mode,
         "teacher_weights_sha256": card["weights_sha256"],
         "tokenizer_sha256": card["tokenizer_sha256"],
-        "chat_template": teacher.tokenizer.chat_template or "",
+        "chat_template": tokenizer.chat_template or "",
         "max_length": max_length,
         "long_documents": params.data.long_documents,
         "data_fingerprint": prepared_report["fingerprints"]["corpus_train"],
@@ -98,20 +109,34 @@ def prepare_pass(params: Params, root: Path, mode: Mode) -> PreparedPass:
         seed=section.seed,
         rskd=section.rskd,
         topk=section.topk,
-        vocab_size=len(teacher.tokenizer),
-        pad_id=teacher.tokenizer.pad_token_id if teacher.tokenizer.pad_token_id is not None else 0,
+        vocab_size=len(tokenizer),
+        pad_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0,
     )
-    model = teacher.model.to(device=device, dtype=inference_dtype(params.compute))
-    return PreparedPass(job, model, device, truncation)
+    if model is not None:
+        model = model.to(device=device, dtype=inference_dtype(params.compute))
+    return PreparedPass(job, model, device, truncation, teacher_path)
 
 
 def run(params: Params, root: Path, variant: str | None = None) -> dict[str, Any]:
     mode: Mode = variant or params.cache_teacher.primary  # type: ignore[assignment]
     if mode not in MODES:
         raise CacheError(f"cache_teacher: unknown mode '{mode}' (modes: {', '.join(MODES)})")
-    prepared = prepare_pass(params, root, mode)
-    job, device, truncation = prepared.job, prepared.device, prepared.truncation
-    manifest, stats = run_cache_pass(prepared.model, job, device, lambda: autocast(params.compute, device))
+    # Joins Ray (compute.ray) first: an unreachable cluster fails before any model is loaded.
+    with ray_shards.session(params.compute) as ray:
+        prepared = prepare_pass(params, root, mode, remote=ray is not None)
+        job, device, truncation = prepared.job, prepared.device, prepared.truncation
+        executor = None
+        if ray is not None:
+            worker = ray_shards.TeacherWorker(
+                str(prepared.model_dir.resolve()),
+                job.key["teacher_weights_sha256"],
+                params.compute,
+                ray_shards.template(job),
+            )
+            executor = ray.executor(worker)
+        manifest, stats = run_cache_pass(
+            prepared.model, job, device, lambda: autocast(params.compute, device), executor
+        )
 
     metrics = {
         "sequences": manifest.sequences,

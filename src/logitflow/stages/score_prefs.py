@@ -1,6 +1,7 @@
 """score_prefs: one reference-policy pass over every preference pair (train and held-out).
 
 Output: `paths.caches`/ref_scores/ (shards + manifest), reports/score_prefs.json.
+With `compute.ray` set, the shards are computed by Ray workers (`cache/ray_shards.py`), with the same bytes.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from logitflow import tracking
+from logitflow.cache import ray_shards
 from logitflow.cache.ref_scores import ScoreJob, load_scores, run_score_pass
 from logitflow.compute import apply_threads, autocast, inference_dtype, resolve_device
 from logitflow.config import Params
@@ -46,11 +48,24 @@ def scores_key(params: Params, root: Path) -> dict[str, Any]:
 
 
 def run(params: Params, root: Path) -> dict[str, Any]:
+    # Joins Ray (compute.ray) first: an unreachable cluster fails before any model is loaded.
+    with ray_shards.session(params.compute) as ray:
+        return _run(params, root, ray)
+
+
+def _run(params: Params, root: Path, ray: ray_shards.RaySession | None) -> dict[str, Any]:
     apply_threads(params.compute)
-    device = resolve_device(params.compute)
-    policy = load_materialized(model_dir(params, root, "policy"))
+    policy_dir = model_dir(params, root, "policy")
+    model = None
+    if ray is None:
+        device = resolve_device(params.compute)
+        policy = load_materialized(policy_dir)
+        tokenizer, model = policy.tokenizer, policy.model
+    else:  # the workers load the weights; this process only tokenises
+        device = ray_shards.worker_device(params.compute)
+        tokenizer, _ = ray_shards.load_driver_side(policy_dir)
     key = scores_key(params, root)
-    key["chat_template"] = policy.tokenizer.chat_template or ""
+    key["chat_template"] = tokenizer.chat_template or ""
     key["batch_pairs"] = params.score_prefs.batch_pairs
 
     counter = TruncationCounter()
@@ -59,10 +74,9 @@ def run(params: Params, root: Path) -> dict[str, Any]:
         rows = read_split(params, root, f"prefs_{split}")
         splits[split] = (len(pairs), len(rows))
         for row in rows:
-            chosen = tokenize_pair(policy.tokenizer, row["prompt"], row["chosen"], params.data.max_length, counter)
-            rejected = tokenize_pair(policy.tokenizer, row["prompt"], row["rejected"], params.data.max_length, counter)
+            chosen = tokenize_pair(tokenizer, row["prompt"], row["chosen"], params.data.max_length, counter)
+            rejected = tokenize_pair(tokenizer, row["prompt"], row["rejected"], params.data.max_length, counter)
             pairs.append((chosen, rejected))
-    tokenizer = policy.tokenizer
     job = ScoreJob(
         directory=scores_dir(params, root),
         key=key,
@@ -73,8 +87,16 @@ def run(params: Params, root: Path) -> dict[str, Any]:
         pooling=params.score_prefs.pooling,
         pad_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0,
     )
-    model = policy.model.to(device=device, dtype=inference_dtype(params.compute))
-    manifest, stats = run_score_pass(model, job, device, lambda: autocast(params.compute, device))
+    executor = None
+    if model is not None:
+        model = model.to(device=device, dtype=inference_dtype(params.compute))
+    else:
+        assert ray is not None
+        worker = ray_shards.ScoreWorker(
+            str(policy_dir.resolve()), key["policy_weights_sha256"], params.compute, ray_shards.template(job)
+        )
+        executor = ray.executor(worker)
+    manifest, stats = run_score_pass(model, job, device, lambda: autocast(params.compute, device), executor)
 
     heldout = load_scores(job.directory, "heldout")
     metrics = {
