@@ -248,7 +248,8 @@ def hand_off_to_dpo(params: Params, root: Path, summary: dict[str, Any]) -> str:
         "train_dpo.methods": ["uniform"],
     }
     name = f"feedback-{params.feedback.session}-{flow_run.name}"
-    return run_experiment(name, overrides, str(root), {}, targets=["train_dpo"])
+    dataset = str(Path(summary["preferences"]).parent)
+    return run_experiment(name, overrides, str(root), {}, targets=["train_dpo"], copy_paths=[dataset])
 
 
 def main() -> None:

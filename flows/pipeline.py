@@ -43,12 +43,20 @@ def _stage_task(stage: str):
 
 @task(task_run_name="experiment {name}")
 def run_experiment(
-    name: str, overrides: dict[str, Any], project: str, env: dict[str, str], targets: list[str] | None = None
+    name: str,
+    overrides: dict[str, Any],
+    project: str,
+    env: dict[str, str],
+    targets: list[str] | None = None,
+    copy_paths: list[str] | None = None,
 ) -> str:
-    """`dvc exp run --temp` with params overrides, of every stage or of `targets` and their upstream."""
+    """`dvc exp run --temp` with params overrides, of every stage or of `targets` and their upstream;
+    `copy_paths`: files git does not track (e.g. data added with `dvc add` but not committed) that the
+    experiment's temporary copy needs."""
     # `++`: set the key whether or not params.yaml spells it out (it may rely on a default)
     sets = [arg for key, value in overrides.items() for arg in ("-S", f"++{key}={json.dumps(value)}")]
-    command = [str(BIN / "dvc"), "exp", "run", "--temp", "--name", name, *sets, *(targets or [])]
+    copies = [arg for path in copy_paths or [] for arg in ("--copy-paths", path)]
+    command = [str(BIN / "dvc"), "exp", "run", "--temp", "--name", name, *copies, *sets, *(targets or [])]
     run_logged(command, Path(project), env)
     return name
 

@@ -33,7 +33,7 @@ def tiny_params(root: Path) -> dict:
     """params.yaml with tiny models and small demo data (merged over the repository's params)."""
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     params["models"] = {"teacher": {"source": "tiny", "tiny": TINY}, "policy": {"source": "tiny", "tiny": TINY}}
-    params["compute"] = {"device": "cpu", "precision": "fp32", "threads": 1, "seed": 0}
+    params["compute"].update(device="cpu", precision="fp32", threads=1, seed=0)  # update: dvc.yaml reads every key
     params["data"]["max_length"] = 64
     params["prepare"]["demo"] = {
         "preference_pairs": 40,

@@ -1,7 +1,8 @@
 """The `feedback` flow under a real (test) Prefect server, answered through Prefect's API as the UI
 would: a, b and skip; an answer outside the form is refused; every answer is on disk before the
 next question; a killed run's successor continues from the labels on disk without asking a pair
-twice; θ̂ is refit at 1, 2, 4 labels; the collected set is a DVC-tracked preference dataset."""
+twice; θ̂ is refit at 1, 2, 4 labels; the collected set is a DVC-tracked preference dataset that
+DPO then trains on as a DVC experiment."""
 
 from __future__ import annotations
 
@@ -82,7 +83,8 @@ def test_feedback_flow_answered_through_the_api_survives_a_kill(prefect_server: 
 
     # The next run continues at question 3; a bad answer is refused by the form.
     results: dict = {}
-    thread = threading.Thread(target=lambda: results.update(feedback(project=str(root), budget=5)))
+    params_before = (root / "params.yaml").read_text()
+    thread = threading.Thread(target=lambda: results.update(feedback(project=str(root), budget=5, hand_off=True)))
     thread.start()
     try:
         run_id = find_open_run(exclude={killed}, timeout_s=240)
@@ -113,6 +115,21 @@ def test_feedback_flow_answered_through_the_api_survives_a_kill(prefect_server: 
     first_label = loaded[0]
     pair = asked[0]
     assert (first_label["chosen"], first_label["rejected"]) == (pair["response_a"], pair["response_b"]), "a = A wins"
+
+    # The hand-off: DPO on the collected set ran as a DVC experiment; params.yaml is unchanged.
+    assert (root / "params.yaml").read_text() == params_before
+    shown = json.loads(
+        subprocess.run([str(REPO / ".venv/bin/dvc"), "exp", "show", "--json"], cwd=root, capture_output=True).stdout
+    )
+    [experiment] = [
+        rev
+        for baseline in shown
+        for exp in (baseline.get("experiments") or [])
+        for rev in exp.get("revs", [])[:1]
+        if rev.get("name") == results["experiment"]
+    ]
+    [dpo] = [m["data"] for path, m in experiment["data"]["metrics"].items() if path.endswith("train_dpo/uniform.json")]
+    assert dpo["pairs"] == 4, "DPO trained on the collected labels' train split (5 labels, 1 held out)"
 
     # Progress: one MLflow run for the session (continued after the kill) with a step per answer,
     # and the flow run's artifacts (progress bar, table of answers with the gain each pair was chosen for).

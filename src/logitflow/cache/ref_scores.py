@@ -10,7 +10,7 @@ positions. Shards, resume and checksums come from `shards.py`; the manifest is w
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -55,7 +55,7 @@ class ScoresManifest(BaseModel):
 class ScoreJob:
     directory: Path
     key: dict[str, Any]
-    pairs: list[tuple[TokenizedPair, TokenizedPair]]  # (chosen, rejected), train rows then held-out
+    pairs: Sequence[tuple[TokenizedPair, TokenizedPair]]  # (chosen, rejected); sliced one shard at a time
     splits: dict[str, tuple[int, int]]
     pairs_per_shard: int
     batch_pairs: int
