@@ -63,6 +63,26 @@ def text_embeddings(chunks: int, chunk_tokens: int) -> torch.Tensor:
     return torch.cat(embeddings).double()
 
 
+def loglinear_pool(
+    embeddings: torch.Tensor, pairs: int, beta: float, seed: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(features ‖φ‖ ≤ 1, offsets b, ground truth θ*, labels ~ Bernoulli(σ(β(φᵀθ* − b)))) of pairs of
+    random embeddings (pairs of a row with itself dropped)."""
+    generator = torch.Generator().manual_seed(seed)
+    first = torch.randint(0, len(embeddings), (pairs,), generator=generator)
+    second = torch.randint(0, len(embeddings), (pairs,), generator=generator)
+    keep = first != second
+    features, _ = scale_features(embeddings[first[keep]] - embeddings[second[keep]])
+    theta_star = torch.randn(features.shape[1], generator=generator, dtype=torch.float64)
+    theta_star *= 2.0 / float((features @ theta_star).std())  # logits spread with std 2
+    offsets = 0.5 * torch.randn(len(features), generator=generator, dtype=torch.float64)
+    labels = (
+        torch.rand(len(features), generator=generator, dtype=torch.float64)
+        < torch.sigmoid(beta * (features @ theta_star - offsets))
+    ).double()
+    return features, offsets, theta_star, labels
+
+
 def logit_errors(features, offsets, theta_hat, theta_star, beta):
     error = (beta * features @ (theta_hat - theta_star)).abs()
     truth = features @ theta_star - offsets
@@ -78,18 +98,7 @@ def loglinear(args: argparse.Namespace) -> dict:
     beta = 1.0
     results: dict[str, dict[str, list]] = {m: {"max": [], "mean": [], "error_rate": []} for m in METHODS}
     for seed in range(args.seeds):
-        generator = torch.Generator().manual_seed(seed)
-        first = torch.randint(0, len(embeddings), (args.pool,), generator=generator)
-        second = torch.randint(0, len(embeddings), (args.pool,), generator=generator)
-        keep = first != second
-        features, _ = scale_features(embeddings[first[keep]] - embeddings[second[keep]])
-        theta_star = torch.randn(features.shape[1], generator=generator, dtype=torch.float64)
-        theta_star *= 2.0 / float((features @ theta_star).std())  # logits spread with std 2
-        offsets = 0.5 * torch.randn(len(features), generator=generator, dtype=torch.float64)
-        labels = (
-            torch.rand(len(features), generator=generator, dtype=torch.float64)
-            < torch.sigmoid(beta * (features @ theta_star - offsets))
-        ).double()
+        features, offsets, theta_star, labels = loglinear_pool(embeddings, args.pool, beta, seed)
         settings = SelectionSettings(beta=beta, gamma_rel=1.0, alpha=3.0, l2=args.l2, seed=seed)
         for method in METHODS:
             order = select(method, features, offsets, labels, budgets[-1], settings).indices

@@ -26,13 +26,13 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from active_dpo import text_embeddings
+from active_dpo import loglinear_pool, text_embeddings
 from common import write_result
 
 from logitflow.cache.ref_scores import PairScores
 from logitflow.data.pool import read_pool, write_pool
 from logitflow.feedback.session import FeedbackSession
-from logitflow.ops.active_dpo import SelectionSettings, scale_features
+from logitflow.ops.active_dpo import SelectionSettings
 from logitflow.ops.design import fit_theta
 
 POLICIES = ("adpo", "random")
@@ -91,16 +91,9 @@ def main() -> None:
     beta = 1.0
     curves: dict[str, dict[str, list]] = {p: {"max": [], "mean": [], "questions": []} for p in POLICIES}
     for seed in range(args.seeds):
-        generator = torch.Generator().manual_seed(seed)
-        first = torch.randint(0, len(embeddings), (args.pool,), generator=generator)
-        second = torch.randint(0, len(embeddings), (args.pool,), generator=generator)
-        keep = first != second
-        features, _ = scale_features(embeddings[first[keep]] - embeddings[second[keep]])
-        theta_star = torch.randn(features.shape[1], generator=generator, dtype=torch.float64)
-        theta_star *= 2.0 / float((features @ theta_star).std())
-        offsets = 0.5 * torch.randn(len(features), generator=generator, dtype=torch.float64)
+        features, offsets, theta_star, labels = loglinear_pool(embeddings, args.pool, beta, seed)
         truth = beta * (features @ theta_star - offsets)
-        flips = torch.rand(len(features), generator=generator, dtype=torch.float64) < torch.sigmoid(truth)
+        flips = labels.bool()
         settings = SelectionSettings(beta=beta, gamma_rel=1.0, alpha=3.0, l2=args.l2, seed=seed)
         for policy in POLICIES:
             with tempfile.TemporaryDirectory() as tmp:
