@@ -30,13 +30,13 @@ from prefect.runtime import flow_run
 from pydantic import Field
 
 from flows.dvc import BIN, run_logged
-from flows.pipeline import run_experiment
+from flows.pipeline import changed_params, run_experiment
 from logitflow import tracking
 from logitflow.cache.ref_scores import PairScores
 from logitflow.config import Params, load_params
 from logitflow.data.load import split_indices
 from logitflow.data.pool import Pool, read_pool
-from logitflow.errors import LogitflowError
+from logitflow.errors import LogitflowError, ParamsError
 from logitflow.feedback.labels import LabelRecord
 from logitflow.feedback.pool_scores import score_pool
 from logitflow.feedback.session import FeedbackSession, Question, open_session
@@ -187,6 +187,22 @@ def ask(session: FeedbackSession, params: Params, budget: int) -> tuple[str, boo
     return f"label budget of {budget} reached", False
 
 
+# What the pool and its scores are made from: `dvc repro pool` reads these from params.yaml.
+POOL_KEYS = ("feedback.pool", "feedback.demo", "feedback.on_bad_rows", "models", "paths")
+
+
+def refuse_pool_overrides(defaults: Params, params: Params) -> None:
+    """The form may change the session, budget, timeouts and the design's settings, but not what the
+    pool is built from: that comes from params.yaml through DVC."""
+    changed = changed_params(defaults.model_dump(mode="json"), params.model_dump(mode="json"))
+    pool_keys = [key for key in changed if key.startswith(POOL_KEYS)]
+    if pool_keys:
+        raise ParamsError(
+            f"feedback: {', '.join(f'{key} = {changed[key]!r}' for key in pool_keys)} differ from params.yaml, "
+            "but the pool is built by `dvc repro pool` from params.yaml: change them there (and commit)"
+        )
+
+
 @flow(name="feedback", log_prints=True)
 def feedback(
     params: Params | None = None, project: str = ".", budget: int | None = None, hand_off: bool = False
@@ -194,7 +210,9 @@ def feedback(
     """Ask a person about the most informative pairs, one at a time; `budget` overrides
     feedback.budget; `hand_off` trains DPO on the collected set afterwards (a DVC experiment)."""
     root = Path(project).resolve()
-    params = params or load_params(root / "params.yaml")
+    defaults = load_params(root / "params.yaml")
+    params = params or defaults
+    refuse_pool_overrides(defaults, params)
     budget = budget or params.feedback.budget
     check_mlflow(mlflow_uri(params))
     logger = get_run_logger()
