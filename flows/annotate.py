@@ -26,6 +26,7 @@ from prefect.client.schemas.filters import (
 )
 from prefect.client.schemas.objects import StateType
 from prefect.client.schemas.sorting import FlowRunSort
+from prefect.exceptions import ObjectNotFound
 from prefect.flow_runs import resume_flow_run
 from prefect.input import read_flow_run_input
 
@@ -38,11 +39,14 @@ Oracle = Callable[[dict[str, Any]], str]
 def open_question(flow_run_id: UUID | str, timeout_s: float = 120.0, poll_s: float = 0.2) -> dict[str, Any] | None:
     """The question the flow run is paused on (waiting until it pauses and its form is saved), or
     None once the run has finished."""
-    run_id = UUID(str(flow_run_id))
+    run_id = parse_run_id(flow_run_id)
     deadline = time.monotonic() + timeout_s
     with get_client(sync_client=True) as client:
         while time.monotonic() < deadline:
-            state = client.read_flow_run(run_id).state
+            try:
+                state = client.read_flow_run(run_id).state
+            except ObjectNotFound:
+                raise LogitflowError(f"flow run {run_id}: not found on {client.api_url}") from None
             if state is not None and state.is_final():
                 return None
             details = state.state_details if state is not None else None
@@ -53,6 +57,13 @@ def open_question(flow_run_id: UUID | str, timeout_s: float = 120.0, poll_s: flo
                     return question
             time.sleep(poll_s)
     raise LogitflowError(f"flow run {flow_run_id}: no question within {timeout_s:.0f} s (is it a feedback flow run?)")
+
+
+def parse_run_id(flow_run_id: UUID | str) -> UUID:
+    try:
+        return UUID(str(flow_run_id))
+    except ValueError:
+        raise LogitflowError(f"'{flow_run_id}' is not a flow run id (a UUID, as the Prefect UI shows)") from None
 
 
 def find_open_run(exclude: Collection[UUID] = (), timeout_s: float = 120.0) -> UUID:
@@ -75,7 +86,7 @@ def find_open_run(exclude: Collection[UUID] = (), timeout_s: float = 120.0) -> U
 
 
 def answer(flow_run_id: UUID | str, answer: str, *, stop: bool = False, annotator: str = "") -> None:
-    resume_flow_run(UUID(str(flow_run_id)), run_input={"answer": answer, "stop": stop, "annotator": annotator})
+    resume_flow_run(parse_run_id(flow_run_id), run_input={"answer": answer, "stop": stop, "annotator": annotator})
 
 
 def answer_key_oracle(key: dict[str, str]) -> Oracle:
@@ -125,7 +136,10 @@ def main() -> None:
         oracle = answer_key_oracle(key)
     else:
         oracle = lambda question: "a"  # noqa: E731
-    answers = annotate(args.flow_run_id or find_open_run(), oracle, name=f"oracle:{args.oracle}")
+    try:
+        answers = annotate(args.flow_run_id or find_open_run(), oracle, name=f"oracle:{args.oracle}")
+    except LogitflowError as err:
+        raise SystemExit(f"error: {err}") from None
     print(f"answered {len(answers)} questions: " + " ".join(answers))
 
 

@@ -191,9 +191,11 @@ def ask(session: FeedbackSession, params: Params, budget: int) -> tuple[str, boo
 POOL_KEYS = ("feedback.pool", "feedback.demo", "feedback.on_bad_rows", "models", "paths")
 
 
-def refuse_pool_overrides(defaults: Params, params: Params) -> None:
+def check_form(defaults: Params, params: Params, budget: int | None) -> None:
     """The form may change the session, budget, timeouts and the design's settings, but not what the
     pool is built from: that comes from params.yaml through DVC."""
+    if budget is not None and budget < 1:
+        raise ParamsError(f"feedback: budget = {budget} (the flow's parameter): it must be at least 1 label")
     changed = changed_params(defaults.model_dump(mode="json"), params.model_dump(mode="json"))
     pool_keys = [key for key in changed if key.startswith(POOL_KEYS)]
     if pool_keys:
@@ -212,7 +214,7 @@ def feedback(
     root = Path(project).resolve()
     defaults = load_params(root / "params.yaml")
     params = params or defaults
-    refuse_pool_overrides(defaults, params)
+    check_form(defaults, params, budget)
     budget = budget or params.feedback.budget
     check_mlflow(mlflow_uri(params))
     logger = get_run_logger()
